@@ -1,0 +1,28 @@
+# The two commands: `make run` (the main job) and `make test`. Both create the environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mrcnn-plugin-env
+ENV_INPUTS := tools/install_env.sh tools/detectron2_dist/setup.py setup.py \
+	csrc_fallback/setup.py csrc_fallback/mrcnn_plugin_csrc.pth $(wildcard csrc_fallback/mrcnn_plugin_csrc/*.py)
+
+.PHONY: env run test lint format
+
+$(STAMP): $(ENV_INPUTS)
+	tools/install_env.sh $(VENV)
+	touch $@
+
+env: $(STAMP)
+
+run: env
+	$(PY) tools/main_job.py --output-dir output/main_job
+
+lint: env
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+test: lint
+	$(PY) -m pytest -q tests
+
+format: env
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .

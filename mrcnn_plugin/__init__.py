@@ -1,0 +1,1 @@
+"""Mask R-CNN as detectron2 plugin components."""

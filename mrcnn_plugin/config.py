@@ -1,0 +1,44 @@
+"""The plugin's config keys. ``add_mrcnn_config`` is the only place they are defined.
+
+Usage::
+
+    cfg = get_cfg()
+    add_mrcnn_config(cfg)
+    cfg.merge_from_file("configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml")
+
+Everything else (backbone depth, pooler resolution, sampling ratio, ...) uses detectron2's own
+keys, so a plugin config reads like a detectron2 one. detectron2's global defaults are never
+touched: the keys are added to the ``cfg`` passed in only.
+"""
+
+from detectron2.config import CfgNode as CN
+
+
+def add_mrcnn_config(cfg):
+    """Adds the ``MODEL.MRCNN`` node to ``cfg`` in place and returns it."""
+    mrcnn = cfg.MODEL.MRCNN = CN()
+
+    # RoI feature extraction (paper Table 2c/2d). NAME is looked up in ROI_OP_REGISTRY:
+    # "MRCNNRoIAlign", "MRCNNRoIPool" or "MRCNNRoIWarp". Resolution and sampling ratio come
+    # from each head's POOLER_RESOLUTION / POOLER_SAMPLING_RATIO, as in detectron2.
+    mrcnn.ROI_OP = CN()
+    mrcnn.ROI_OP.NAME = "MRCNNRoIAlign"
+    # Half-pixel shift of RoI coordinates (detectron2's ROIAlignV2). The paper's RoIAlign
+    # is not aligned; detectron2's default is.
+    mrcnn.ROI_OP.ALIGNED = True
+    # How the samples in a bin are combined: "avg" or "max" (RoIAlign and RoIWarp).
+    mrcnn.ROI_OP.AGGREGATION = "avg"
+    # FPN level assignment (FPN paper eq. 1): k = floor(k0 + log2(sqrt(wh) / 224)).
+    mrcnn.ROI_OP.CANONICAL_BOX_SIZE = 224
+    mrcnn.ROI_OP.CANONICAL_LEVEL = 4
+
+    # C4 head: stride of res5's first block. 2 is detectron2's design (14x14 RoIs into a
+    # stride-2 res5); 1 is the paper's Fig. 4 (7x7 RoIs, res5 run at stride 1).
+    mrcnn.RES5_FIRST_STRIDE = 2
+
+    # Mask loss (Table 2b): "sigmoid" (per-class binary cross-entropy, the paper's) or
+    # "softmax" (multinomial over classes per pixel).
+    mrcnn.MASK_LOSS = "sigmoid"
+    # Hidden fc widths of the MLP mask head (Table 2e), used by "MRCNNMLPMaskHead".
+    mrcnn.MASK_MLP_DIMS = [1024, 1024]
+    return cfg

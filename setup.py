@@ -1,0 +1,35 @@
+"""mrcnn-plugin: Mask R-CNN as registered detectron2 components.
+
+detectron2 itself is not listed in install_requires: it is not on PyPI under its own name.
+``tools/install_env.sh`` (run by ``make``) keeps an existing detectron2 or installs v0.6 from
+the registry's sources; see README.md.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mrcnn-plugin",
+    version="0.1.0",
+    description="Mask R-CNN (He et al., 2017) as a detectron2 plugin",
+    packages=find_packages(include=["mrcnn_plugin", "mrcnn_plugin.*"]),
+    python_requires=">=3.8",
+    install_requires=[
+        "torch>=1.10",  # the models and ops
+        "torchvision>=0.11",  # fast roi_align / roi_pool / nms kernels behind the plugin's ops
+        "numpy",  # synthetic data generation and evaluation
+        "pycocotools>=2.0.2",  # COCO-format masks (RLE) and the COCOeval reference
+        "Pillow",  # writes the synthetic images and the drawn predictions
+        # cv2 is used by detectron2's Visualizer and the demo's video I/O; 4.11+ wheels need
+        # numpy 2, which detectron2 v0.6 cannot use (see tools/detectron2_dist/setup.py).
+        "opencv-python-headless>=4.5,<4.11",
+        "matplotlib",  # training-curve plots
+        "tqdm",  # progress bars in the demo and data generation
+        "mrcnn-plugin-csrc",  # detectron2._C stand-in (csrc_fallback/), installed by make
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=7",  # the test suite
+            "ruff==0.14.14",  # formatter and linter, pinned so CI formats like developers do
+        ],
+    },
+)

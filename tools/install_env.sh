@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's Python environment and installs everything into it from
+# the package registries alone. Usage: tools/install_env.sh VENV_DIR
+#
+# - An environment that already has torch + torchvision keeps them.
+# - An environment whose detectron2 imports with working compiled ops keeps it untouched.
+# - Otherwise detectron2 v0.6 is installed from the registry's pb1-detectron2 sdist, repackaged
+#   as a distribution named "detectron2" (tools/detectron2_dist/setup.py).
+set -euo pipefail
+venv="${1:?usage: install_env.sh VENV_DIR}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cache="$root/.cache"
+torch_pins=(torch==2.14.1 torchvision==0.29.1)
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+pip=("$py" -m pip install --quiet --disable-pip-version-check)
+quiet() { grep -v "^WARNING: Location .* is ignored" || true; }
+
+if ! "$py" -c "import torch, torchvision.ops; torchvision.ops.nms(torch.zeros(0, 4), torch.zeros(0), 0.5)" 2>/dev/null; then
+    echo "[env] installing ${torch_pins[*]}"
+    "${pip[@]}" "${torch_pins[@]}" 2>&1 | quiet
+fi
+
+# Any detectron2 already importable is kept as it is; the fallback below only fills in
+# detectron2._C where its compiled module is missing or fails to load.
+if "$py" -c "import importlib.util as u, sys; sys.exit(u.find_spec('detectron2') is None)"; then
+    echo "[env] keeping the detectron2 already installed"
+else
+    echo "[env] installing detectron2 v0.6 from the pb1-detectron2 sdist"
+    mkdir -p "$cache"
+    sdist="$cache/pb1-detectron2-0.6.tar.gz"
+    [ -f "$sdist" ] || "$py" -m pip download --quiet --no-deps --no-build-isolation \
+        pb1-detectron2==0.6 -d "$cache" 2>&1 | quiet
+    src="$cache/detectron2-0.6-src"
+    rm -rf "$src" && mkdir -p "$src"
+    tar -xzf "$sdist" -C "$src" --strip-components=1 pb1-detectron2-0.6/detectron2
+    cp "$root/tools/detectron2_dist/setup.py" "$src/setup.py"
+    "${pip[@]}" "$src" 2>&1 | quiet
+    rm -rf "$src"
+fi
+
+# The compiled-ops fallback is an ordinary (non-editable) install: it ships a .pth file.
+"${pip[@]}" --no-deps --force-reinstall "$root/csrc_fallback" 2>&1 | quiet
+"${pip[@]}" -e "$root[dev]" 2>&1 | quiet
+echo "[env] ready: $venv"
