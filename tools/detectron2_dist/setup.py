@@ -40,7 +40,7 @@ setup(
         "Pillow>=7.1,<10",
         # structures/masks.py and two evaluators use np.bool / np.float, removed in 1.24.
         "numpy<1.24",
-        # model_zoo/model_zoo.py imports pkg_resources, removed from setuptools 81.
+        # model_zoo/model_zoo.py imports pkg_resources: deprecated in setuptools 81, gone in 82.
         "setuptools<81",
     ],
 )

@@ -1,0 +1,41 @@
+"""Drawing predictions with detectron2's Visualizer (masks, boxes, class names, keypoints)."""
+
+import os
+from typing import List
+
+import cv2
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import DefaultPredictor
+from detectron2.utils.visualizer import ColorMode, Visualizer
+
+
+def draw_predictions(image_bgr, instances, metadata, scale: float = 1.0):
+    """Returns an RGB uint8 array (H, W, 3) of ``instances`` drawn over ``image_bgr``."""
+    visualizer = Visualizer(
+        image_bgr[:, :, ::-1], metadata, scale=scale, instance_mode=ColorMode.IMAGE
+    )
+    return visualizer.draw_instance_predictions(instances.to("cpu")).get_image()
+
+
+def draw_dataset_predictions(
+    cfg, dataset_name: str, output_dir: str, num_images: int = 8, scale: float = 3.0
+) -> List[str]:
+    """Runs ``DefaultPredictor(cfg)`` (which loads ``cfg.MODEL.WEIGHTS``) on the first
+    ``num_images`` images of ``dataset_name`` and writes one PNG per image: the predictions
+    (left) beside the ground truth (right). Returns the written paths."""
+    predictor = DefaultPredictor(cfg)
+    metadata = MetadataCatalog.get(dataset_name)
+    os.makedirs(output_dir, exist_ok=True)
+    paths = []
+    for record in DatasetCatalog.get(dataset_name)[:num_images]:
+        image = cv2.imread(record["file_name"])
+        instances = predictor(image)["instances"]
+        instances = instances[instances.scores >= cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST]
+        predicted = draw_predictions(image, instances, metadata, scale)
+        truth = Visualizer(image[:, :, ::-1], metadata, scale=scale).draw_dataset_dict(record)
+        side_by_side = cv2.hconcat([predicted, truth.get_image()])
+        path = os.path.join(output_dir, os.path.basename(record["file_name"]).rsplit(".", 1)[0])
+        path += ".png"
+        cv2.imwrite(path, side_by_side[:, :, ::-1])
+        paths.append(path)
+    return paths
