@@ -1,3 +1,3 @@
-"""Model components (detectron2 plugins). Importing a submodule registers its classes."""
+"""The plugin's model components; importing this package registers them with detectron2."""
 
-from . import poolers  # noqa: F401
+from . import backbone, poolers, roi_heads  # noqa: F401  (registers the components)

@@ -1,0 +1,155 @@
+"""ROI heads of the ResNet-C4 Mask R-CNN (paper Fig. 4 left): one res5 shared by all branches.
+
+RoI features pooled from res4 -> res5 (R, 2048, S, S) -> average pool -> FastRCNNOutputLayers.
+The mask branch (and the keypoint branch, if on) runs on the same res5 features: in training
+those of the foreground proposals, at test time those of the final detections.
+
+S is POOLER_RESOLUTION / MODEL.MRCNN.RES5_FIRST_STRIDE: detectron2's 14x14 RoIs into a stride-2
+res5, or the paper's 7x7 RoIs into a stride-1 res5; both give 7x7 and a 14x14 mask.
+State_dict names equal detectron2's Res5ROIHeads (``res5.{0,1,2}``, ``box_predictor``,
+``mask_head``), so its checkpoints load unchanged.
+"""
+
+from typing import Dict, List, Optional
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import ROI_HEADS_REGISTRY
+from detectron2.modeling.roi_heads import (
+    FastRCNNOutputLayers,
+    Res5ROIHeads,
+    build_keypoint_head,
+    build_mask_head,
+    select_foreground_proposals,
+)
+from detectron2.modeling.roi_heads.roi_heads import select_proposals_with_visible_keypoints
+from detectron2.structures import ImageList, Instances
+from torch import nn
+
+from ..backbone.resnet_blocks import make_res5_stage, res5_stage_kwargs_from_config
+from ..poolers import build_pooler_from_config
+
+__all__ = ["MRCNNRes5ROIHeads"]
+
+# A temporary per-proposal field: the row of its res5 features, kept through the fg/keypoint
+# selections (which return Instances, not indices).
+_FEATURE_ROW = "mrcnn_feature_row"
+
+
+@ROI_HEADS_REGISTRY.register()
+class MRCNNRes5ROIHeads(Res5ROIHeads):
+    """detectron2's Res5ROIHeads with the plugin's pooler and res5, plus a keypoint branch.
+
+    Config: ROI_HEADS.IN_FEATURES (one map, "res4"), ROI_BOX_HEAD.POOLER_RESOLUTION /
+    POOLER_SAMPLING_RATIO, MODEL.MRCNN.ROI_OP, MODEL.MRCNN.RES5_FIRST_STRIDE, MODEL.RESNETS
+    (res5 width, norm, ResNeXt groups), MASK_ON / ROI_MASK_HEAD.*, KEYPOINT_ON /
+    ROI_KEYPOINT_HEAD.* (its POOLER_* keys are unused: the RoI features are shared).
+    """
+
+    @configurable
+    def __init__(self, *, keypoint_head: Optional[nn.Module] = None, **kwargs):
+        """
+        Args:
+            keypoint_head: run on the res5 features (R, C, S, S) of the proposals with visible
+                keypoints (training) or of the detections (inference); None: no keypoints.
+            kwargs: Res5ROIHeads' arguments (in_features, pooler, res5, box_predictor,
+                mask_head) and ROIHeads' (num_classes, proposal_matcher, ...).
+        """
+        super().__init__(**kwargs)
+        self.keypoint_on = keypoint_head is not None
+        if self.keypoint_on:
+            self.keypoint_head = keypoint_head
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        # Res5ROIHeads.from_config builds detectron2's ROIPooler and rejects keypoints, so
+        # start from ROIHeads' (proposal matching and sampling).
+        ret = super(Res5ROIHeads, cls).from_config(cfg)
+        in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
+        assert len(in_features) == 1, f"C4 heads pool from one feature map, got {in_features}"
+        ret["in_features"] = in_features
+        ret["pooler"] = build_pooler_from_config(cfg, "ROI_BOX_HEAD", input_shape, in_features)
+        ret["res5"], out_channels = cls._build_res5_block(cfg)
+        stride = res5_stage_kwargs_from_config(cfg)["first_stride"]
+        side = -(-cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION // stride)  # res5 output, ceil
+        res5_shape = ShapeSpec(channels=out_channels, height=side, width=side)
+        ret["box_predictor"] = FastRCNNOutputLayers(cfg, ShapeSpec(channels=out_channels))
+        if cfg.MODEL.MASK_ON:
+            ret["mask_head"] = build_mask_head(cfg, res5_shape)
+        if cfg.MODEL.KEYPOINT_ON:
+            ret["keypoint_head"] = build_keypoint_head(cfg, res5_shape)
+        return ret
+
+    @classmethod
+    def _build_res5_block(cls, cfg):
+        """The plugin's res5 stage (first stride from MODEL.MRCNN.RES5_FIRST_STRIDE)."""
+        assert not cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE[-1], "no deformable res5 in the head"
+        kwargs = res5_stage_kwargs_from_config(cfg)
+        return make_res5_stage(**kwargs), kwargs["out_channels"]
+
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, torch.Tensor],
+        proposals: List[Instances],
+        targets: Optional[List[Instances]] = None,
+    ):
+        """See detectron2's ``ROIHeads.forward``: (detections, {}) or ([], losses)."""
+        del images
+        if self.training:
+            assert targets, "'targets' are required in training"
+            proposals = self.label_and_sample_proposals(proposals, targets)
+        del targets
+
+        feature_list = [features[f] for f in self.in_features]
+        res5_features = self._shared_roi_transform(
+            feature_list, [p.proposal_boxes for p in proposals]
+        )  # (R, C, S, S)
+        predictions = self.box_predictor(res5_features.mean(dim=[2, 3]))
+        if not self.training:
+            detections, _ = self.box_predictor.inference(predictions, proposals)
+            return self.forward_with_given_boxes(features, detections), {}
+
+        losses = self.box_predictor.losses(predictions, proposals)
+        if self.mask_on or self.keypoint_on:
+            losses.update(self._forward_foreground(res5_features, proposals))
+        return [], losses
+
+    def _forward_foreground(
+        self, res5_features: torch.Tensor, proposals: List[Instances]
+    ) -> Dict[str, torch.Tensor]:
+        """Mask/keypoint losses on the already computed res5 features of the fg proposals."""
+        start = 0
+        for p in proposals:
+            p.set(_FEATURE_ROW, torch.arange(start, start + len(p), device=res5_features.device))
+            start += len(p)
+        fg_proposals, _ = select_foreground_proposals(proposals, self.num_classes)
+        losses = {}
+        if self.mask_on:
+            rows = torch.cat([p.get(_FEATURE_ROW) for p in fg_proposals])
+            losses.update(self.mask_head(res5_features[rows], fg_proposals))
+        if self.keypoint_on:
+            kpt_proposals = select_proposals_with_visible_keypoints(fg_proposals)
+            rows = torch.cat([p.get(_FEATURE_ROW) for p in kpt_proposals])
+            losses.update(self.keypoint_head(res5_features[rows], kpt_proposals))
+        for p in proposals:
+            p.remove(_FEATURE_ROW)
+        return losses
+
+    def forward_with_given_boxes(
+        self, features: Dict[str, torch.Tensor], instances: List[Instances]
+    ) -> List[Instances]:
+        """Adds ``pred_masks`` / ``pred_keypoints`` to detections (fields pred_boxes,
+        pred_classes), from the res5 features of the detected boxes."""
+        assert not self.training
+        assert instances[0].has("pred_boxes") and instances[0].has("pred_classes")
+        if not (self.mask_on or self.keypoint_on):
+            return instances
+        feature_list = [features[f] for f in self.in_features]
+        x = self._shared_roi_transform(feature_list, [i.pred_boxes for i in instances])
+        if self.mask_on:
+            instances = self.mask_head(x, instances)
+        if self.keypoint_on:
+            instances = self.keypoint_head(x, instances)
+        return instances
