@@ -26,7 +26,19 @@ setup(
         "tqdm",  # progress bars in the demo and data generation
         "mrcnn-plugin-csrc",  # detectron2._C stand-in (csrc_fallback/), installed by make
     ],
+    entry_points={
+        "console_scripts": [
+            "mrcnn-train=mrcnn_plugin.cli.train_net:main",
+            "mrcnn-demo=mrcnn_plugin.cli.demo:main",
+            "mrcnn-benchmark=mrcnn_plugin.cli.benchmark:main",
+            "mrcnn-plot-metrics=mrcnn_plugin.cli.plot_metrics:main",
+            "mrcnn-export=mrcnn_plugin.cli.export:main",
+        ],
+    },
     extras_require={
+        # ONNX export (tools/export.py --format onnx) writes with onnx and verifies with
+        # onnxruntime; TorchScript export needs neither.
+        "export": ["onnx>=1.23", "onnxruntime>=1.30"],
         "dev": [
             "pytest>=7",  # the test suite
             "ruff==0.14.14",  # formatter and linter, pinned so CI formats like developers do

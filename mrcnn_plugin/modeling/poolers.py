@@ -59,11 +59,10 @@ def assign_boxes_to_levels(
 def boxes_to_rois(box_lists: List[Boxes]) -> torch.Tensor:
     """Concatenates N ``Boxes`` into (M, 5) rois ``[image_index, x0, y0, x1, y1]``."""
     boxes = torch.cat([b.tensor for b in box_lists], dim=0)
-    counts = torch.tensor([len(b) for b in box_lists], device=boxes.device)
-    image_index = torch.repeat_interleave(
-        torch.arange(len(box_lists), dtype=boxes.dtype, device=boxes.device), counts
-    )
-    return torch.cat([image_index[:, None], boxes], dim=1)
+    # The index column is built from each box tensor (not from len()), so that a traced
+    # model keeps the number of boxes per image dynamic.
+    index = [torch.full_like(b.tensor[:, :1], i) for i, b in enumerate(box_lists)]
+    return torch.cat([torch.cat(index, dim=0), boxes], dim=1)
 
 
 def _level_of_scale(scale: float) -> int:

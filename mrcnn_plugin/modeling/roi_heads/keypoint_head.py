@@ -145,10 +145,17 @@ def keypoint_inference(pred_keypoint_logits: torch.Tensor, pred_instances: List[
     image; detectron2's ``detector_postprocess`` rescales them to the original image). See
     :func:`decode_heatmaps`. ``pred_keypoint_heatmaps`` are the raw logits.
     """
-    boxes = torch.cat([inst.pred_boxes.tensor for inst in pred_instances], dim=0)
     logits = pred_keypoint_logits.detach()
+    # Instances.__len__() is the box tensor's traced size; len() would freeze it under tracing.
+    counts = [inst.__len__() for inst in pred_instances]
+    if torch.jit.is_tracing():
+        # Decoding loops over detections with data-dependent sizes: a traced model returns
+        # the heatmaps and mrcnn_plugin.export.postprocess decodes them eagerly.
+        for inst, maps in zip(pred_instances, logits.split(counts)):
+            inst.pred_keypoint_heatmaps = maps
+        return
+    boxes = torch.cat([inst.pred_boxes.tensor for inst in pred_instances], dim=0)
     keypoints = decode_heatmaps(logits, boxes)
-    counts = [len(inst) for inst in pred_instances]
     for inst, kpts, maps in zip(pred_instances, keypoints.split(counts), logits.split(counts)):
         inst.pred_keypoints = kpts
         inst.pred_keypoint_heatmaps = maps

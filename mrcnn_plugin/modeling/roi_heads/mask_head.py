@@ -155,7 +155,9 @@ def mask_inference(
     else:
         probs = _with_background_logit(pred_mask_logits).softmax(dim=1)[rows, channels + 1]
     probs = probs[:, None]  # (R, 1, M, M)
-    for inst, probs_i in zip(pred_instances, probs.split([len(i) for i in pred_instances])):
+    # Instances.__len__() is the box tensor's traced size; len() would freeze it under tracing.
+    counts = [inst.__len__() for inst in pred_instances]
+    for inst, probs_i in zip(pred_instances, probs.split(counts)):
         inst.pred_masks = probs_i
 
 

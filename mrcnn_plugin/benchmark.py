@@ -1,0 +1,128 @@
+"""Speed and memory of a config's model, measured side by side with detectron2's built-in
+model of the same model-zoo config on the same weights and images.
+
+Each (model, mode) is measured in a fresh subprocess, so its peak memory (max RSS on the CPU,
+``torch.cuda.max_memory_allocated`` on a GPU) belongs to that measurement alone.
+
+Shape shorthand: N images per batch, each (3, H, W) uint8 BGR.
+"""
+
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from typing import Dict, List
+
+import torch
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from .cli.common import build_cfg
+
+# The plugin's component names and detectron2's built-in ones they stand in for.
+BUILTIN_NAMES = {
+    "MRCNNResNet": "build_resnet_backbone",
+    "MRCNNResNetFPN": "build_resnet_fpn_backbone",
+    "MRCNNStandardROIHeads": "StandardROIHeads",
+    "MRCNNRes5ROIHeads": "Res5ROIHeads",
+    "MRCNNMaskHead": "MaskRCNNConvUpsampleHead",
+    "MRCNNKeypointHead": "KRCNNConvDeconvUpsampleHead",
+}
+
+
+def use_builtin_components(cfg):
+    """Swaps, in place, the plugin's component names in ``cfg`` for detectron2's built-in
+    counterparts (same architecture and state_dict names) and maps the RoI op to a pooler type."""
+    model = cfg.MODEL
+    model.BACKBONE.NAME = BUILTIN_NAMES.get(model.BACKBONE.NAME, model.BACKBONE.NAME)
+    model.ROI_HEADS.NAME = BUILTIN_NAMES.get(model.ROI_HEADS.NAME, model.ROI_HEADS.NAME)
+    for head in (model.ROI_MASK_HEAD, model.ROI_KEYPOINT_HEAD):
+        head.NAME = BUILTIN_NAMES.get(head.NAME, head.NAME)
+    op = model.MRCNN.ROI_OP
+    pooler = {"MRCNNRoIPool": "ROIPool"}.get(op.NAME, "ROIAlignV2" if op.ALIGNED else "ROIAlign")
+    for head in (model.ROI_BOX_HEAD, model.ROI_MASK_HEAD, model.ROI_KEYPOINT_HEAD):
+        head.POOLER_TYPE = pooler
+    return cfg
+
+
+def load_cfg(config_file: str, opts: List[str], builtin: bool):
+    """The plugin cfg, or with ``builtin`` the same cfg using detectron2's components."""
+    cfg = build_cfg(config_file, opts)
+    if builtin:
+        use_builtin_components(cfg)
+    cfg.freeze()
+    return cfg
+
+
+def make_batch(cfg, num_images: int, height: int, width: int, seed: int = 0):
+    """Random images with a few random boxes and box-filling masks as ground truth."""
+    g = torch.Generator().manual_seed(seed)
+    batch = []
+    for _ in range(num_images):
+        image = torch.randint(0, 256, (3, height, width), generator=g, dtype=torch.uint8)
+        xy = torch.rand(5, 2, generator=g) * torch.tensor([width * 0.6, height * 0.6])
+        wh = 16 + torch.rand(5, 2, generator=g) * torch.tensor([width * 0.3, height * 0.3])
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        masks = torch.zeros(5, height, width, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+            masks[i, y0:y1, x0:x1] = True
+        instances = Instances((height, width))
+        instances.gt_boxes = Boxes(boxes)
+        instances.gt_classes = torch.randint(0, cfg.MODEL.ROI_HEADS.NUM_CLASSES, (5,), generator=g)
+        instances.gt_masks = BitMasks(masks)
+        batch.append({"image": image, "height": height, "width": width, "instances": instances})
+    return batch
+
+
+def _autocast(device: str, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.split(":")[0], dtype=dtype)
+
+
+def _sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(cfg, state_dict, mode: str, images: int, height: int, width: int,
+            warmup: int, repeats: int, precision: str) -> Dict[str, float]:  # fmt: skip
+    """Times ``repeats`` inference passes (one image each) or training steps (``images``
+    per step) after ``warmup``; returns median seconds and peak memory in MiB."""
+    device = cfg.MODEL.DEVICE
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.load_state_dict(state_dict)
+    batch = make_batch(cfg, images if mode == "train" else 1, height, width)
+    times = []
+    if mode == "inference":
+        model.eval()
+        for i in range(warmup + repeats):
+            _sync(device)
+            start = time.perf_counter()
+            with torch.no_grad(), _autocast(device, precision):
+                model(batch)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    else:
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        for i in range(warmup + repeats):
+            _sync(device)
+            start = time.perf_counter()
+            with EventStorage(i), _autocast(device, precision):  # the losses log metrics
+                losses = sum(model(batch).values())
+            optimizer.zero_grad()
+            losses.backward()
+            optimizer.step()
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    if device.startswith("cuda"):
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"median_s": statistics.median(times), "peak_mib": peak_mib}

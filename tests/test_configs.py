@@ -1,0 +1,69 @@
+"""Every config under configs/ merges into a plugin cfg and builds a model on the CPU."""
+
+import glob
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from mrcnn_plugin import add_mrcnn_config
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+LEAF_CONFIGS = sorted(
+    os.path.relpath(p, CONFIG_DIR)
+    for p in glob.glob(os.path.join(CONFIG_DIR, "**", "*.yaml"), recursive=True)
+    if not os.path.basename(p).startswith("Base-")
+)
+
+
+def load(relpath):
+    cfg = get_cfg()
+    add_mrcnn_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIG_DIR, relpath))
+    cfg.MODEL.DEVICE = "cpu"
+    return cfg
+
+
+def test_configs_were_found():
+    assert len(LEAF_CONFIGS) >= 30, LEAF_CONFIGS
+
+
+@pytest.mark.parametrize("relpath", LEAF_CONFIGS)
+def test_config_merges_and_builds(relpath):
+    cfg = load(relpath)
+    for name in (cfg.MODEL.BACKBONE.NAME, cfg.MODEL.ROI_HEADS.NAME):
+        assert name.startswith("MRCNN"), f"{relpath} does not use the plugin's components"
+    model = build_model(cfg)
+    assert any(p.requires_grad for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        image = torch.zeros(3, 64, 64, dtype=torch.uint8)
+        (output,) = model([{"image": image, "height": 64, "width": 64}])
+    assert "instances" in output
+
+
+@pytest.mark.parametrize(
+    "relpath, expected",
+    [
+        ("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml", {"MAX_ITER": 270000}),
+        ("Paper/mask_rcnn_R_50_C4_paper.yaml", {"MAX_ITER": 160000, "ALIGNED": False}),
+        ("Ablations/table2c_R_50_C4_roipool.yaml", {"ROI_OP": "MRCNNRoIPool"}),
+    ],
+)
+def test_config_values(relpath, expected):
+    cfg = load(relpath)
+    got = {
+        "MAX_ITER": cfg.SOLVER.MAX_ITER,
+        "ALIGNED": cfg.MODEL.MRCNN.ROI_OP.ALIGNED,
+        "ROI_OP": cfg.MODEL.MRCNN.ROI_OP.NAME,
+    }
+    assert {k: got[k] for k in expected} == expected
+
+
+def test_global_defaults_untouched():
+    import detectron2.config.defaults as defaults
+
+    add_mrcnn_config(get_cfg())
+    assert "MRCNN" not in defaults._C.MODEL
