@@ -23,7 +23,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 # Bump when the drawing code changes so cached data sets are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val")
 _SPLIT_STREAM = {"train": 0, "val": 1}

@@ -95,7 +95,7 @@ def render_shapes_image(
     layers = []
     for _ in range(int(rng.integers(1, MAX_INSTANCES + 1))):
         cls = int(rng.integers(num_classes))
-        radius = rng.uniform(10, 30) * scale
+        radius = rng.uniform(13, 32) * scale
         color = distinct_color(rng, avoid + [layer[3] for layer in layers])
         for _ in range(_PLACEMENT_TRIES):
             if layers and rng.uniform() < 0.35:
