@@ -18,10 +18,11 @@ CONFIG = os.path.join(
     "Synthetic",
     "mask_rcnn_R_18_FPN_shapes.yaml",
 )
-ITERATIONS = 150
-# Measured on the 2-core CI machine: bbox AP MEASURED_BBOX, segm AP MEASURED_SEGM.
-BBOX_AP_FLOOR = 0.0
-SEGM_AP_FLOOR = 0.0
+ITERATIONS = 300
+# Measured with this exact test on the 2-core machine (2026-11-21): bbox AP 17.7, segm AP 14.5
+# (an untrained model scores about 0). The floors are half of that, to absorb run-to-run noise.
+BBOX_AP_FLOOR = 9.0
+SEGM_AP_FLOOR = 7.0
 
 
 def test_short_training_clears_the_ap_floor(tmp_path):
@@ -32,13 +33,13 @@ def test_short_training_clears_the_ap_floor(tmp_path):
     cfg = build_cfg(CONFIG, [
         "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{val}',)",
         "SOLVER.MAX_ITER", str(ITERATIONS), "SOLVER.STEPS", f"({ITERATIONS * 3 // 4},)",
-        "SOLVER.WARMUP_ITERS", "30", "OUTPUT_DIR", str(tmp_path / "out"),
+        "OUTPUT_DIR", str(tmp_path / "out"),
     ])  # fmt: skip
     cfg.freeze()
     trainer = MRCNNTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
     results = MRCNNTrainer.test(cfg, trainer.model)
-    print({task: round(values["AP"], 2) for task, values in results.items()})
+    print("AP:", {task: round(values["AP"], 2) for task, values in results.items()}, flush=True)
     assert results["bbox"]["AP"] >= BBOX_AP_FLOOR
     assert results["segm"]["AP"] >= SEGM_AP_FLOOR
