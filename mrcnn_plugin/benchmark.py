@@ -109,7 +109,9 @@ def measure(cfg, state_dict, mode: str, images: int, height: int, width: int,
                 times.append(time.perf_counter() - start)
     else:
         model.train()
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        # lr 0: every step does the full update work but keeps the weights, so random weights
+        # cannot diverge over the repeats and both models step on identical weights.
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
         for i in range(warmup + repeats):
             _sync(device)
             start = time.perf_counter()
