@@ -149,6 +149,5 @@ def main(argv: Optional[List[str]] = None):
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.smooth < 1:
         parser.error("--smooth must be >= 1")
-    path = plot_metrics(args.metrics, args.output, args.smooth)
-    print(f"wrote {path}")
-    return path
+    print(f"wrote {plot_metrics(args.metrics, args.output, args.smooth)}")
+    # No return value: a console script exits with it, and a path would read as a failure.

@@ -123,7 +123,8 @@ def main(argv: Optional[List[str]] = None):
             cfg, cfg_dataset_names(cfg), args.data_root, **synthetic_sizes(args)
         )
     device = "cpu" if cfg.MODEL.DEVICE == "cpu" else None
-    return launch(
+    # Nothing is returned: a console script exits with main()'s value (results read as failure).
+    launch(
         run,
         args.num_gpus,
         num_machines=args.num_machines,

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -74,7 +75,7 @@ def test_figure_lines(metrics_file):
 
 def test_main_writes_png(metrics_file, tmp_path):
     out = tmp_path / "plots" / "curves.png"
-    assert main([str(metrics_file), "--output", str(out), "--smooth", "2"]) == str(out)
+    assert main([str(metrics_file), "--output", str(out), "--smooth", "2"]) is None
     image = matplotlib.image.imread(str(out))
     assert image.shape[:2] == (1000, 800)  # figsize (8, 10) at 100 dpi
     assert image[..., :3].std() > 0.01  # something was drawn
@@ -85,3 +86,14 @@ def test_tool_script_default_output(metrics_file):
         [sys.executable, "tools/plot_metrics.py", str(metrics_file.parent)], cwd=ROOT, check=True
     )
     assert (metrics_file.parent / "metrics.png").is_file()
+
+
+def test_console_script_exits_zero(metrics_file, tmp_path):
+    # Installed by setup.py; a console script exits with main()'s return value.
+    script = os.path.join(os.path.dirname(sys.executable), "mrcnn-plot-metrics")
+    if not os.path.exists(script):
+        pytest.skip("the package is not installed with its console scripts")
+    out = tmp_path / "curves.png"
+    proc = subprocess.run([script, str(metrics_file), "--output", str(out)], capture_output=True)
+    assert proc.returncode == 0, proc.stderr
+    assert out.exists()
