@@ -34,7 +34,9 @@ else
         pb1-detectron2==0.6 -d "$cache" 2>&1 | quiet
     src="$cache/detectron2-0.6-src"
     rm -rf "$src" && mkdir -p "$src"
-    tar -xzf "$sdist" -C "$src" --strip-components=1 pb1-detectron2-0.6/detectron2
+    tar -xzf "$sdist" -C "$src" --strip-components=1 pb1-detectron2-0.6/detectron2 \
+        pb1-detectron2-0.6/projects/PointRend pb1-detectron2-0.6/projects/DeepLab \
+        pb1-detectron2-0.6/projects/Panoptic-DeepLab
     cp "$root/tools/detectron2_dist/setup.py" "$src/setup.py"
     "${pip[@]}" "$src" 2>&1 | quiet
     rm -rf "$src"
