@@ -18,7 +18,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from .cli.common import build_cfg
+from .config import build_cfg
 
 # The plugin's component names and detectron2's built-in ones they stand in for.
 BUILTIN_NAMES = {

@@ -11,6 +11,9 @@ keys, so a plugin config reads like a detectron2 one. detectron2's global defaul
 touched: the keys are added to the ``cfg`` passed in only.
 """
 
+from typing import List, Optional
+
+from detectron2.config import CfgNode, get_cfg
 from detectron2.config import CfgNode as CN
 
 
@@ -41,4 +44,14 @@ def add_mrcnn_config(cfg):
     mrcnn.MASK_LOSS = "sigmoid"
     # Hidden fc widths of the MLP mask head (Table 2e), used by "MRCNNMLPMaskHead".
     mrcnn.MASK_MLP_DIMS = [1024, 1024]
+    return cfg
+
+
+def build_cfg(config_file: str, opts: Optional[List[str]] = None) -> CfgNode:
+    """get_cfg() + the plugin's keys + ``config_file`` + ``opts`` (KEY VALUE ...); unfrozen."""
+    cfg = get_cfg()
+    add_mrcnn_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts or []))
     return cfg

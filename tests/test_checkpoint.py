@@ -12,7 +12,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from mrcnn_plugin.checkpoint import CheckpointMismatchError, is_predictor_key, load_checkpoint
-from mrcnn_plugin.cli.common import build_cfg
+from mrcnn_plugin.config import build_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "Synthetic", "mask_rcnn_R_18_FPN_shapes.yaml")

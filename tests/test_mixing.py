@@ -9,7 +9,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
-from mrcnn_plugin.cli.common import build_cfg
+from mrcnn_plugin.config import build_cfg
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "Base-MRCNN-FPN.yaml")
 SMALL = [

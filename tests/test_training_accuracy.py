@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from mrcnn_plugin.cli.common import build_cfg
+from mrcnn_plugin.config import build_cfg
 from mrcnn_plugin.data import register_shapes
 from mrcnn_plugin.engine import MRCNNTrainer
 

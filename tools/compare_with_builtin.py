@@ -18,7 +18,8 @@ from detectron2.utils.logger import setup_logger
 from main_job import TASK_CONFIGS, train_and_evaluate
 
 from mrcnn_plugin.benchmark import use_builtin_components
-from mrcnn_plugin.cli.common import build_cfg, register_synthetic_datasets
+from mrcnn_plugin.config import build_cfg
+from mrcnn_plugin.data.catalog import register_synthetic_datasets
 
 
 def main():

@@ -20,8 +20,9 @@ import time
 import torch
 from detectron2.utils.logger import setup_logger
 
-from mrcnn_plugin.cli.common import build_cfg, register_synthetic_datasets
 from mrcnn_plugin.cli.plot_metrics import plot_metrics
+from mrcnn_plugin.config import build_cfg
+from mrcnn_plugin.data.catalog import register_synthetic_datasets
 from mrcnn_plugin.engine import MRCNNTrainer
 from mrcnn_plugin.visualize import draw_dataset_predictions
 

@@ -1,107 +1,11 @@
-"""What the command-line tools share: building a config and the synthetic data sets.
-
-A config whose DATASETS name a synthetic data set ("mrcnn_shapes_<split>",
-"mrcnn_persons_<split>", or another "<prefix>_<split>" starting with those) needs no flag: the
-tools call :func:`register_synthetic_datasets`, which generates the files under
-``<data_root>/<prefix without "mrcnn_">`` when they are missing and registers them.
-"""
+"""Command-line flags the tools share: the synthetic-data flags."""
 
 import argparse
-import logging
-import os
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Optional
 
-from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog
+from ..data.catalog import DEFAULT_DATA_ROOT
 
-from ..config import add_mrcnn_config
-from ..data import persons_metadata, register_synthetic, shapes_metadata
-
-logger = logging.getLogger(__name__)
-
-# Data-set name prefix -> the kind register_synthetic understands.
-SYNTHETIC_PREFIXES = {"mrcnn_shapes": "shapes", "mrcnn_persons": "persons"}
-DEFAULT_DATA_ROOT = os.environ.get("MRCNN_DATASETS", "datasets")
 SYNTHETIC_SIZE_FLAGS = ("num_train", "num_val", "image_size", "seed")
-
-
-def build_cfg(config_file: str, opts: Optional[List[str]] = None) -> CfgNode:
-    """get_cfg() + the plugin's keys + ``config_file`` + ``opts`` (KEY VALUE ...); unfrozen."""
-    cfg = get_cfg()
-    add_mrcnn_config(cfg)
-    if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts or []))
-    return cfg
-
-
-def split_synthetic_name(name: str) -> Optional[Tuple[str, str]]:
-    """("mrcnn_shapes_val") -> ("shapes", "mrcnn_shapes"): (kind, prefix); None when ``name``
-    is not a synthetic data set."""
-    for start, kind in SYNTHETIC_PREFIXES.items():
-        if name.startswith(start) and name.rsplit("_", 1)[-1] in ("train", "val"):
-            return kind, name.rsplit("_", 1)[0]
-    return None
-
-
-def cfg_dataset_names(cfg) -> List[str]:
-    """DATASETS.TRAIN + DATASETS.TEST, without repeats, in order."""
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    return list(dict.fromkeys(names))
-
-
-def _register_kwargs(kind: str, cfg, sizes: Dict[str, Optional[int]]) -> dict:
-    kwargs = {k: v for k, v in sizes.items() if v is not None}
-    if kind == "shapes":
-        # Generate as many classes as the model predicts.
-        kwargs.setdefault("num_classes", cfg.MODEL.ROI_HEADS.NUM_CLASSES)
-    return kwargs
-
-
-def register_synthetic_datasets(
-    cfg, names: Iterable[str], data_root: str = DEFAULT_DATA_ROOT, **sizes: Optional[int]
-) -> List[str]:
-    """Generates (if needed) and registers the synthetic data sets among ``names``.
-
-    Args:
-        sizes: num_train, num_val, image_size, seed for the generator; None keeps its default.
-    Returns:
-        The names that were registered (the non-synthetic ones are left alone).
-    """
-    registered = []
-    done = set()
-    for name in names:
-        parsed = split_synthetic_name(name)
-        if parsed is None:
-            continue
-        kind, prefix = parsed
-        if prefix not in done:
-            root = os.path.join(data_root, prefix[len("mrcnn_") :])
-            kwargs = _register_kwargs(kind, cfg, sizes)
-            logger.info("Registering synthetic data set %s_* from %s (%s)", prefix, root, kwargs)
-            register_synthetic(kind, root=root, prefix=prefix, **kwargs)
-            done.add(prefix)
-        registered.append(name)
-    return registered
-
-
-def dataset_metadata(cfg, name: Optional[str]):
-    """Metadata of data set ``name`` for drawing and for COCO category ids.
-
-    A synthetic data set that is not registered gets its metadata without generating any
-    file; an unknown name gives empty metadata (classes are then drawn as numbers).
-    """
-    if not name:
-        return MetadataCatalog.get("__mrcnn_unknown_dataset__")
-    # MetadataCatalog.get() creates empty entries (DefaultPredictor does so): look at fields.
-    metadata = MetadataCatalog.get(name)
-    parsed = split_synthetic_name(name)
-    if parsed is not None and not metadata.get("thing_classes"):
-        if parsed[0] == "shapes":
-            metadata.set(**shapes_metadata(cfg.MODEL.ROI_HEADS.NUM_CLASSES))
-        else:
-            metadata.set(**persons_metadata())
-    return metadata
 
 
 def add_synthetic_arguments(parser: argparse.ArgumentParser) -> None:

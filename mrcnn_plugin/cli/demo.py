@@ -31,8 +31,9 @@ from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 from ..checkpoint import load_checkpoint
+from ..config import build_cfg
+from ..data.catalog import dataset_metadata
 from ..visualize import draw_predictions
-from .common import build_cfg, dataset_metadata
 
 logger = logging.getLogger("mrcnn_plugin.demo")
 

@@ -24,8 +24,8 @@ from typing import List, Optional
 
 from detectron2.utils.logger import setup_logger
 
+from ..config import build_cfg
 from ..export import FORMATS, REPORT_NAME, build_exportable_model, export_and_verify
-from .common import build_cfg
 
 
 def argument_parser() -> argparse.ArgumentParser:

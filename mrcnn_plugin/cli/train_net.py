@@ -29,15 +29,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..checkpoint import load_checkpoint
+from ..config import build_cfg
+from ..data.catalog import cfg_dataset_names, register_synthetic_datasets
 from ..engine.launch import ddp_on_cpu, launch
 from ..engine.trainer import MRCNNTrainer
-from .common import (
-    add_synthetic_arguments,
-    build_cfg,
-    cfg_dataset_names,
-    register_synthetic_datasets,
-    synthetic_sizes,
-)
+from .common import add_synthetic_arguments, synthetic_sizes
 
 logger = logging.getLogger("mrcnn_plugin.train_net")
 

@@ -14,7 +14,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from test_roi_heads import _redraw_predictors
 
-from mrcnn_plugin.cli.common import build_cfg
+from mrcnn_plugin.config import build_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # config name: (pixel std keeping random activations O(1), proposals, detections, via .pkl)

@@ -8,7 +8,7 @@ from tool_helpers import SHAPES_CONFIG, TINY_OPTS, run_tool
 
 from mrcnn_plugin.benchmark import load_cfg, make_batch, use_builtin_components
 from mrcnn_plugin.cli.benchmark import format_table
-from mrcnn_plugin.cli.common import build_cfg
+from mrcnn_plugin.config import build_cfg
 
 
 def test_builtin_counterpart_has_the_same_state_dict_names():

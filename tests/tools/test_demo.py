@@ -14,8 +14,9 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from tool_helpers import SHAPES_CONFIG, TINY_OPTS, run_tool
 
-from mrcnn_plugin.cli.common import build_cfg, dataset_metadata, split_synthetic_name
 from mrcnn_plugin.cli.demo import expand_inputs
+from mrcnn_plugin.config import build_cfg
+from mrcnn_plugin.data.catalog import dataset_metadata, split_synthetic_name
 
 SIZE = 64
 THRESHOLD = 0.1  # an untrained 3-class head scores about 1/4 everywhere

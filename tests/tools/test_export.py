@@ -16,7 +16,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from tool_helpers import ROOT, SHAPES_CONFIG, TINY_OPTS, run_tool
 
-from mrcnn_plugin.cli.common import build_cfg
+from mrcnn_plugin.config import build_cfg
 from mrcnn_plugin.export import (
     REPORT_NAME,
     ExportAdapter,

@@ -11,8 +11,8 @@ import torch
 from tool_helpers import SHAPES_CONFIG, TINY_DATA_FLAGS, TINY_OPTS, run_tool
 
 from mrcnn_plugin.checkpoint import CheckpointMismatchError
-from mrcnn_plugin.cli.common import build_cfg
 from mrcnn_plugin.cli.train_net import argument_parser, evaluate
+from mrcnn_plugin.config import build_cfg
 from mrcnn_plugin.engine.launch import launch
 
 MAX_ITER = 2  # SOLVER.MAX_ITER in TINY_OPTS
