@@ -1,8 +1,9 @@
-"""The plugin's ResNet / FPN backbones against detectron2's built-in ones (same cfg, same weights).
+"""The plugin's backbones against detectron2's built-in ones (same cfg, same weights), and the
+plugin's own part: the C4 head's res5 stage with a first stride of 1 or 2.
 
-Reference models are built through ``build_backbone`` with detectron2's own registered names,
-their weights (and norm statistics) are randomised, loaded strictly into the plugin model, and
-every output feature must agree.
+Reference models are built through ``build_backbone`` with detectron2's registered names, their
+weights and norm statistics randomised and loaded strictly into the plugin's model; then every
+output must agree.
 """
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import build_backbone
-from detectron2.modeling.backbone.resnet import BottleneckBlock as D2Bottleneck
-from detectron2.modeling.backbone.resnet import ResNet as D2ResNet
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet
 from torch import nn
 
 from mrcnn_plugin.config import add_mrcnn_config
@@ -49,64 +50,44 @@ def _randomize_(model, seed=0):
         elif name.endswith("running_var"):
             state[name] = torch.rand(t.shape, generator=gen) + 0.5
         elif ".norm." in name:  # affine and running mean: keep activations in a sane range
-            state[name] = torch.rand(t.shape, generator=gen) * 0.4 + (
-                0.2 if "weight" in name else -0.2
-            )
+            offset = 0.2 if "weight" in name else -0.2
+            state[name] = torch.rand(t.shape, generator=gen) * 0.4 + offset
         else:
             state[name] = torch.randn(t.shape, generator=gen) * (2.0 / t[0].numel()) ** 0.5
     model.load_state_dict(state, strict=True)
     return model
 
 
-def _with_name(cfg, name):
+def _build(cfg, name, input_shape=None):
+    cfg = cfg.clone()
     cfg.MODEL.BACKBONE.NAME = name
-    return cfg
-
-
-def _build_pair(cfg, d2_name, plugin_name, input_shape=None):
-    cfg.MODEL.BACKBONE.NAME = d2_name
-    ref = build_backbone(cfg, input_shape)
-    cfg.MODEL.BACKBONE.NAME = plugin_name
-    ours = build_backbone(cfg, input_shape)
-    return ref, ours
+    return build_backbone(cfg, input_shape)
 
 
 CASES = {
-    "R50-C4": (_cfg(), False),
-    "R50-DC5": (_cfg(RES5_DILATION=2, OUT_FEATURES=["res5"]), False),
-    "R50-C5": (_cfg(OUT_FEATURES=["res5"]), False),
-    "R18": (_cfg(DEPTH=18, RES2_OUT_CHANNELS=64, OUT_FEATURES=ALL_RES), False),
-    "X101-32x8d": (
-        _cfg(
-            DEPTH=101, NUM_GROUPS=32, WIDTH_PER_GROUP=8, STRIDE_IN_1X1=False, OUT_FEATURES=ALL_RES
-        ),
-        False,
+    "R50-C4": _cfg(),
+    "R50-DC5": _cfg(RES5_DILATION=2, OUT_FEATURES=["res5"]),
+    "R50-C5": _cfg(OUT_FEATURES=["res5"]),
+    "R18": _cfg(DEPTH=18, RES2_OUT_CHANNELS=64, OUT_FEATURES=ALL_RES),
+    "X101-32x8d": _cfg(
+        DEPTH=101, NUM_GROUPS=32, WIDTH_PER_GROUP=8, STRIDE_IN_1X1=False, OUT_FEATURES=ALL_RES
     ),
-    "R50-BN-stem-freeze3": (
-        _cfg(NORM="BN", freeze_at=3, OUT_FEATURES=["stem", "res3", "res5"]),
-        False,
-    ),
-    "R50-FPN": (_cfg(fpn=True), True),
-    "R50-FPN-GN-avg": (_cfg(fpn=True, NORM="GN", fpn_norm="GN", fuse_type="avg"), True),
-}
-
-
-# (detectron2's registered builder, the plugin's) for plain ResNets and for FPNs.
-BUILDERS = {
-    False: ("build_resnet_backbone", "MRCNNResNet"),
-    True: ("build_resnet_fpn_backbone", "MRCNNResNetFPN"),
+    "R50-BN-stem-freeze3": _cfg(NORM="BN", freeze_at=3, OUT_FEATURES=["stem", "res3", "res5"]),
+    "R50-FPN": _cfg(fpn=True),
+    "R50-FPN-GN-avg": _cfg(fpn=True, NORM="GN", fpn_norm="GN", fuse_type="avg"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_detectron2(case):
-    cfg, fpn = CASES[case]
-    cfg = cfg.clone()
-    ref, ours = _build_pair(cfg, *BUILDERS[fpn])
+    cfg = CASES[case]
+    fpn = bool(cfg.MODEL.FPN.IN_FEATURES)
+    ref = _build(cfg, "build_resnet_fpn_backbone" if fpn else "build_resnet_backbone")
+    ours = _build(cfg, "MRCNNResNetFPN" if fpn else "MRCNNResNet")
     assert isinstance(ours, MRCNNResNetFPN if fpn else MRCNNResNet)
+    assert isinstance(ours.bottom_up if fpn else ours, ResNet)
 
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
-    assert set(ref_sd) == set(our_sd)
     assert {k: v.shape for k, v in ref_sd.items()} == {k: v.shape for k, v in our_sd.items()}
     # Same frozen parameters and the same norm layer types (FrozenBN where frozen).
     assert {n: p.requires_grad for n, p in ref.named_parameters()} == {
@@ -119,11 +100,9 @@ def test_matches_detectron2(case):
 
     _randomize_(ref)
     ours.load_state_dict(ref.state_dict(), strict=True)
-    ref.eval()
-    ours.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        expected, got = ref(x), ours(x)
+        expected, got = ref.eval()(x), ours.eval()(x)
     assert list(got) == list(expected)
     for name, spec in ours.output_shape().items():
         size = -(-64 // spec.stride)
@@ -132,44 +111,37 @@ def test_matches_detectron2(case):
         torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-5)
 
 
+def test_c4_has_no_res5_and_dc5_keeps_stride_16():
+    c4 = _build(_cfg(), "MRCNNResNet")
+    assert c4.stage_names == ("res2", "res3", "res4")  # res5 belongs to the C4 RoI head
+    dc5 = _build(_cfg(RES5_DILATION=2, OUT_FEATURES=["res5"]), "MRCNNResNet")
+    assert dc5.output_shape()["res5"].stride == 16
+    assert dc5.res5[0].conv2.dilation == (2, 2) and dc5.res5[0].conv2.padding == (2, 2)
+
+
 def test_fpn_levels_and_p6():
-    cfg = _cfg(fpn=True, DEPTH=18, RES2_OUT_CHANNELS=64)
-    ours = build_backbone(_with_name(cfg, "MRCNNResNetFPN")).eval()
-    assert ours.size_divisibility == 32
-    shapes = ours.output_shape()
-    assert list(shapes) == ["p2", "p3", "p4", "p5", "p6"]
-    assert [s.stride for s in shapes.values()] == [4, 8, 16, 32, 64]
-    keys = set(ours.state_dict())
-    for k in range(2, 6):
-        assert {f"fpn_lateral{k}.weight", f"fpn_lateral{k}.bias"} <= keys
-        assert {f"fpn_output{k}.weight", f"fpn_output{k}.bias"} <= keys
-    assert "bottom_up.res5.1.conv2.norm.running_var" in keys
+    ours = _build(_cfg(fpn=True, DEPTH=18, RES2_OUT_CHANNELS=64), "MRCNNResNetFPN").eval()
+    assert isinstance(ours, FPN) and isinstance(ours.top_block, LastLevelMaxPool)
+    assert [(k, s.stride) for k, s in ours.output_shape().items()] == [
+        ("p2", 4),
+        ("p3", 8),
+        ("p4", 16),
+        ("p5", 32),
+        ("p6", 64),
+    ]
+    assert isinstance(ours.bottom_up.res5[1], BasicBlock)  # R18: two 3x3 convs per block
+    assert "bottom_up.res5.1.conv2.norm.running_var" in ours.state_dict()
     with torch.no_grad():
         out = ours(torch.randn(1, 3, 64, 96))
-    assert out["p6"].shape[-2:] == (1, 2)
     assert torch.equal(out["p6"], out["p5"][:, :, ::2, ::2])
-
-
-def test_state_dict_names_r50():
-    keys = set(MRCNNResNet(depth=50, out_features=["res5"]).state_dict())
-    norm = ["weight", "bias", "running_mean", "running_var"]
-    expected_some = {"stem.conv1.weight", "res2.0.conv1.weight", "res2.0.shortcut.weight"}
-    expected_some |= {f"stem.conv1.norm.{n}" for n in norm}
-    expected_some |= {f"res2.0.shortcut.norm.{n}" for n in norm}
-    expected_some |= {f"res5.2.conv3.norm.{n}" for n in norm} | {"res5.2.conv3.weight"}
-    assert expected_some <= keys
-    assert "res2.1.shortcut.weight" not in keys and "res6.0.conv1.weight" not in keys
-    # 1 stem conv + 16 blocks x 3 convs + 4 shortcuts, each with weight and 4 FrozenBN buffers.
-    assert len(keys) == (1 + 16 * 3 + 4) * 5
 
 
 @pytest.mark.parametrize("freeze_at", [0, 1, 2, 4])
 def test_freeze_at(freeze_at):
-    model = MRCNNResNet(
-        depth=18, res2_out_channels=64, norm="BN", freeze_at=freeze_at, out_features=ALL_RES
-    )
-    parts = ["stem", "res2", "res3", "res4", "res5"]
-    for index, part in enumerate(parts, start=1):
+    cfg = _cfg(DEPTH=18, RES2_OUT_CHANNELS=64, NORM="BN", freeze_at=freeze_at)
+    cfg.MODEL.RESNETS.OUT_FEATURES = ALL_RES
+    model = _build(cfg, "MRCNNResNet")
+    for index, part in enumerate(["stem"] + ALL_RES, start=1):
         frozen = freeze_at >= index
         module = getattr(model, part)
         assert all(p.requires_grad != frozen for p in module.parameters()), part
@@ -177,65 +149,50 @@ def test_freeze_at(freeze_at):
         assert norms and all(isinstance(m, FrozenBatchNorm2d) == frozen for m in norms), part
 
 
-@pytest.mark.parametrize(
-    "norm,norm_type", [("GN", nn.GroupNorm), ("BN", nn.BatchNorm2d), ("SyncBN", nn.SyncBatchNorm)]
-)
-def test_norms_build_and_run(norm, norm_type):
-    model = MRCNNResNet(depth=18, res2_out_channels=64, norm=norm, out_features=["res3"])
-    assert isinstance(model.stem.conv1.norm, norm_type)
-    assert isinstance(model.res3[0].shortcut.norm, norm_type)
-    with torch.no_grad():  # eval mode: SyncBN uses running statistics, so it runs on CPU
-        out = model.eval()(torch.randn(1, 3, 32, 32))["res3"]
-    assert out.shape == (1, 128, 4, 4)
+def test_explicit_arguments_and_input_channels():
+    stages = ResNet.make_default_stages(18, norm="BN")
+    model = MRCNNResNet(
+        BasicStem(4, 64, norm="BN"), stages, out_features=["res2", "res3"], freeze_at=1
+    )
+    assert not model.stem.conv1.weight.requires_grad and model.res3[0].conv1.weight.requires_grad
+    assert model(torch.randn(1, 4, 32, 32))["res3"].shape == (1, 128, 4, 4)
+    fpn = MRCNNResNetFPN(model, ["res2", "res3"], 32, top_block=LastLevelMaxPool())
+    assert list(fpn.output_shape()) == ["p2", "p3", "p4"]
+
+    cfg = _cfg(fpn=True, DEPTH=18, RES2_OUT_CHANNELS=64)
+    fpn = MRCNNResNetFPN(cfg, ShapeSpec(channels=1))  # positional (cfg, input_shape)
+    assert fpn.bottom_up.stem.conv1.weight.shape == (64, 1, 7, 7)
 
 
-def test_cfg_call_honours_input_channels():
-    cfg = _cfg(DEPTH=18, RES2_OUT_CHANNELS=64, OUT_FEATURES=["res2"])
-    model = MRCNNResNet(cfg, ShapeSpec(channels=4))  # positional (cfg, input_shape)
-    assert model.stem.conv1.weight.shape == (64, 4, 7, 7)
-    assert model(torch.randn(1, 4, 32, 32))["res2"].shape == (1, 64, 8, 8)
-    fpn = MRCNNResNetFPN(_cfg(fpn=True, DEPTH=18, RES2_OUT_CHANNELS=64), ShapeSpec(channels=1))
-    assert fpn.bottom_up.stem.conv1.weight.shape[1] == 1
-
-
-def test_invalid_configs_raise():
-    with pytest.raises(ValueError, match="res2_out_channels=64"):
-        MRCNNResNet(depth=18, res2_out_channels=256)
-    with pytest.raises(ValueError, match="res5_dilation"):
-        MRCNNResNet(depth=50, res5_dilation=4)
-    with pytest.raises(ValueError, match="depth"):
-        MRCNNResNet(depth=26)
-    cfg = _cfg(DEPTH=18, RES2_OUT_CHANNELS=64)  # OUT_FEATURES stays ["res4"]
-    cfg.MODEL.FPN.IN_FEATURES = ALL_RES
-    with pytest.raises(ValueError, match="OUT_FEATURES"):
-        MRCNNResNetFPN(cfg)
-
-
-def _d2_res5(**kw):
-    blocks = D2ResNet.make_stage(D2Bottleneck, 3, in_channels=1024, out_channels=2048, **kw)
-    return nn.Sequential(*blocks)
+def _d2_res5(stride, **kw):
+    """The res5 as detectron2's Res5ROIHeads builds it, with the given first stride."""
+    kw["stride_per_block"] = [stride, 1, 1]
+    stage = ResNet.make_stage(BottleneckBlock, 3, in_channels=1024, out_channels=2048, **kw)
+    return nn.Sequential(*stage)
 
 
 def test_res5_stage_matches_detectron2_roi_head_stage():
     kw = {"bottleneck_channels": 512, "norm": "FrozenBN", "stride_in_1x1": True}
-    ref = _randomize_(_d2_res5(stride_per_block=[2, 1, 1], **kw)).eval()
+    ref = _randomize_(_d2_res5(2, **kw)).eval()
     ours = make_res5_stage(1024, 2048, first_stride=2)
+    assert [n for n, _ in ours.named_children()] == ["0", "1", "2"]
     assert set(ours.state_dict()) == set(ref.state_dict())
-    assert {"0.shortcut.weight", "0.conv1.norm.running_mean", "2.conv3.weight"} <= set(
-        ours.state_dict()
-    )
-    assert not any(k.startswith(("1.shortcut", "2.shortcut")) for k in ours.state_dict())
+    assert "0.shortcut.weight" in ours.state_dict() and "1.shortcut.weight" not in ours.state_dict()
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 1024, 14, 14)
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(x), ref(x), atol=1e-5, rtol=1e-5)
 
-    # The paper's stride-1 head has the same parameters; it keeps a 7x7 RoI feature at 7x7.
+    # The paper's stride-1 head loads the same weights and keeps a 7x7 RoI feature at 7x7.
     paper = make_res5_stage(first_stride=1)
     paper.load_state_dict(ref.state_dict(), strict=True)
+    ref1 = _d2_res5(1, **kw)
+    ref1.load_state_dict(ref.state_dict(), strict=True)
+    x7 = torch.randn(2, 1024, 7, 7)
     with torch.no_grad():
-        assert paper.eval()(torch.randn(2, 1024, 7, 7)).shape == (2, 2048, 7, 7)
-        assert ours(torch.randn(2, 1024, 14, 14)).shape == (2, 2048, 7, 7)
+        out = paper.eval()(x7)
+        assert out.shape == (2, 2048, 7, 7) and ours(x).shape == (2, 2048, 7, 7)
+        torch.testing.assert_close(out, ref1.eval()(x7), atol=1e-5, rtol=1e-5)
 
 
 def test_res5_stage_from_config_resnext():
@@ -245,14 +202,10 @@ def test_res5_stage_from_config_resnext():
     assert kwargs["first_stride"] == 1 and kwargs["in_channels"] == 1024
     stage = make_res5_stage(**kwargs)
     assert stage[0].conv2.groups == 32 and stage[0].conv2.weight.shape == (2048, 64, 3, 3)
-    assert stage[0].conv1.stride == (1, 1) and stage[0].shortcut.stride == (1, 1)
-    ref = _d2_res5(
-        stride_per_block=[1, 1, 1],
-        bottleneck_channels=2048,
-        num_groups=32,
-        norm="FrozenBN",
-        stride_in_1x1=False,
-    )
+    assert stage[0].conv2.stride == (1, 1) and stage[0].shortcut.stride == (1, 1)
+    ref = _d2_res5(1, bottleneck_channels=2048, num_groups=32, norm="FrozenBN", stride_in_1x1=False)
     assert {k: v.shape for k, v in stage.state_dict().items()} == {
         k: v.shape for k, v in ref.state_dict().items()
     }
+    # Without the plugin's key, detectron2's stride 2.
+    assert res5_stage_kwargs_from_config(_cfg())["first_stride"] == 2

@@ -1,26 +1,8 @@
-"""ResNet / ResNeXt (+FPN) backbones. Importing this package registers, in detectron2's
+"""Backbones on detectron2's ResNet / FPN. Importing this package registers, in detectron2's
 BACKBONE_REGISTRY, "MRCNNResNet" (C4 / DC5 / C5) and "MRCNNResNetFPN" (P2-P6)."""
 
-from .fpn import MaxPoolTopBlock, MRCNNResNetFPN
-from .resnet import BLOCKS_PER_STAGE, MRCNNResNet
-from .resnet_blocks import (
-    BasicBlock,
-    BasicStem,
-    BottleneckBlock,
-    make_res5_stage,
-    make_stage,
-    res5_stage_kwargs_from_config,
-)
+from .fpn import MRCNNResNetFPN
+from .res5_stage import make_res5_stage, res5_stage_kwargs_from_config
+from .resnet import MRCNNResNet
 
-__all__ = [
-    "BLOCKS_PER_STAGE",
-    "BasicBlock",
-    "BasicStem",
-    "BottleneckBlock",
-    "MRCNNResNet",
-    "MRCNNResNetFPN",
-    "MaxPoolTopBlock",
-    "make_res5_stage",
-    "make_stage",
-    "res5_stage_kwargs_from_config",
-]
+__all__ = ["MRCNNResNet", "MRCNNResNetFPN", "make_res5_stage", "res5_stage_kwargs_from_config"]

@@ -27,7 +27,7 @@ from detectron2.modeling.roi_heads.roi_heads import select_proposals_with_visibl
 from detectron2.structures import ImageList, Instances
 from torch import nn
 
-from ..backbone.resnet_blocks import make_res5_stage, res5_stage_kwargs_from_config
+from ..backbone import make_res5_stage, res5_stage_kwargs_from_config
 from ..poolers import build_pooler_from_config
 
 __all__ = ["MRCNNRes5ROIHeads"]
