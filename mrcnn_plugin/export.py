@@ -5,11 +5,10 @@ cfg.INPUT.FORMAT channel order (BGR for the plugin's configs), resized as Defaul
 does (:func:`load_image`); normalization and padding are in the graph. Outputs, in the order of
 ``ExportAdapter.output_names``, N detections, in input coordinates: pred_boxes (N, 4) float32
 x0, y0, x1, y1; scores (N,); pred_classes (N,) int64; pred_masks (N, 1, M, M) mask
-probabilities of the predicted class (MASK_ON); pred_keypoint_heatmaps (N, K, S, S) logits
-(KEYPOINT_ON). Pasting masks into the image and decoding keypoints loop or resize per
-detection, so they stay out of the graph: :func:`postprocess` does both in eager code
-(detectron2's ``detector_postprocess``, the plugin's ``decode_heatmaps``) and returns what the
-eager model's ``forward`` returns.
+probabilities of the predicted class (MASK_ON); pred_keypoints (N, K, 3) x, y, score and
+pred_keypoint_heatmaps (N, K, S, S) logits (KEYPOINT_ON). Pasting masks into the image loops
+over detections, so it stays out of the graph: :func:`postprocess` does it in eager code
+(detectron2's ``detector_postprocess``) and returns what the eager model's ``forward`` returns.
 
 Limits of the traced graph (tracing records one run of the Python code):
     * only the traced input size is verified, so the CLI takes sample images of one size (the
@@ -18,8 +17,9 @@ Limits of the traced graph (tracing records one run of the Python code):
     * data-dependent Python branches keep their trace-time outcome, e.g. detectron2's
       ``if not valid_mask.all()`` in fast_rcnn.py / proposal_utils.py (non-finite boxes are not
       dropped) and ``len(boxes) < 40000`` in layers/nms.py;
-    * keypoints are returned as heatmaps: their decoding loops over detections, so the
-      traced graph stops before it and :func:`postprocess` decodes eagerly;
+    * keypoint decoding loops over detections: detectron2 scripts ``heatmaps_to_keypoints``
+      when tracing (``script_if_tracing``), so the loop is in the graph; ONNX export of that
+      scripted loop is not verified here;
     * ROI_OP.AGGREGATION "max" with POOLER_SAMPLING_RATIO <= 0 loops over data-dependent RoI
       groups (roi_ops._roi_align_max): :func:`check_exportable` refuses it.
 """
@@ -43,7 +43,6 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from .checkpoint import load_checkpoint
-from .modeling.roi_heads import keypoint_head as _keypoint_head
 
 __all__ = [
     "FORMATS",
@@ -79,7 +78,7 @@ class ExportAdapter(nn.Module):
         if getattr(model.roi_heads, "mask_on", False):
             self.output_names.append("pred_masks")
         if getattr(model.roi_heads, "keypoint_on", False):
-            self.output_names.append("pred_keypoint_heatmaps")
+            self.output_names += ["pred_keypoints", "pred_keypoint_heatmaps"]
 
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         instances = self.model.inference([{"image": image}], do_postprocess=False)[0]
@@ -201,21 +200,14 @@ def postprocess(
         output_size: (height, width) to rescale to (the original image); default image_size.
     Returns:
         Instances with pred_boxes, scores, pred_classes, and when exported pred_masks (bool
-        (N, height, width), pasted at ``mask_threshold``) and pred_keypoints (N, K, 3) plus
+        (N, height, width), pasted at ``mask_threshold``), pred_keypoints (N, K, 3) and
         pred_keypoint_heatmaps.
     """
     height, width = output_size or image_size
-    boxes = outputs["pred_boxes"]
-    instances = Instances(tuple(image_size))
-    instances.pred_boxes = Boxes(boxes.clone())
-    instances.scores = outputs["scores"]
-    instances.pred_classes = outputs["pred_classes"]
-    if "pred_masks" in outputs:
-        instances.pred_masks = outputs["pred_masks"]
-    if "pred_keypoint_heatmaps" in outputs:
-        heatmaps = outputs["pred_keypoint_heatmaps"]
-        instances.pred_keypoints = _keypoint_head.decode_heatmaps(heatmaps, boxes)
-        instances.pred_keypoint_heatmaps = heatmaps
+    # detector_postprocess rescales boxes and keypoints in place: keep the caller's tensors.
+    fields = {name: value.clone() for name, value in outputs.items()}
+    fields["pred_boxes"] = Boxes(fields["pred_boxes"])
+    instances = Instances(tuple(image_size), **fields)
     return detector_postprocess(instances, height, width, mask_threshold)
 
 

@@ -6,11 +6,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
-from detectron2.modeling.roi_heads.mask_head import (
-    MaskRCNNConvUpsampleHead,
-    build_mask_head,
-    mask_rcnn_loss,
-)
+from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead, build_mask_head
 from detectron2.structures import BitMasks, Boxes, Instances
 from detectron2.utils.events import EventStorage
 
@@ -108,53 +104,36 @@ def test_mask_loss_matches_naive(loss_type, agnostic):
     channels = [0] * len(classes) if agnostic else classes
     naive = _naive_sigmoid_loss if loss_type == "sigmoid" else _naive_softmax_loss
     expected = naive(logits.double(), targets, channels)
-    loss = mask_loss(logits, rois, loss_type)
+    with EventStorage():  # the losses log detectron2's mask_rcnn/* metrics
+        loss = mask_loss(logits, rois, loss_type)
+        sigmoid = mask_loss(logits, rois, "sigmoid")
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     if agnostic:  # a single channel against a zero background logit is a sigmoid
-        assert loss.item() == pytest.approx(mask_loss(logits, rois, "sigmoid").item(), rel=1e-5)
+        assert loss.item() == pytest.approx(sigmoid.item(), rel=1e-5)
 
 
-def test_sigmoid_loss_and_metrics_equal_detectron2():
-    rois, targets, classes = _foreground_rois(seed=3)
-    logits = torch.randn(len(classes), 4, M, M)
-    with EventStorage() as storage:
-        ours = mask_loss(logits, rois, "sigmoid")
-        ours_metrics = {k: v[0] for k, v in storage.latest().items() if k.startswith("mask_rcnn")}
-    with EventStorage() as storage:
-        theirs = mask_rcnn_loss(logits, rois)
-        theirs_metrics = {k: v[0] for k, v in storage.latest().items()}
-    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6)
-    assert set(ours_metrics) == {
-        "mask_rcnn/accuracy",
-        "mask_rcnn/false_positive",
-        "mask_rcnn/false_negative",
-    }
-    for key, value in ours_metrics.items():
-        assert value == pytest.approx(theirs_metrics[key])
-    # Accuracy against a naive count.
-    pred = torch.stack([logits[r, c] > 0 for r, c in enumerate(classes)])
-    assert ours_metrics["mask_rcnn/accuracy"] == pytest.approx((pred == targets).float().mean())
-
-
-def test_softmax_accuracy_metric():
+@pytest.mark.parametrize("loss_type", ["sigmoid", "softmax"])
+def test_accuracy_metric(loss_type):
     rois, targets, classes = _foreground_rois(seed=4)
     logits = torch.randn(len(classes), 4, M, M)
     with EventStorage() as storage:
-        mask_loss(logits, rois, "softmax")
-        acc = storage.latest()["mask_rcnn/accuracy"][0]
-    probs = torch.cat([torch.zeros(len(classes), 1, M, M), logits], 1).softmax(1)
-    pred = torch.stack([probs[r, c + 1] > 0.5 for r, c in enumerate(classes)])
-    assert acc == pytest.approx((pred == targets).float().mean().item())
+        mask_loss(logits, rois, loss_type)
+        metrics = {k: v[0] for k, v in storage.latest().items()}
+    assert {"mask_rcnn/accuracy", "mask_rcnn/false_positive", "mask_rcnn/false_negative"} <= set(
+        metrics
+    )
+    if loss_type == "sigmoid":
+        probs = logits.sigmoid()
+    else:  # against the zero background logit
+        probs = torch.cat([torch.zeros(len(classes), 1, M, M), logits], 1).softmax(1)[:, 1:]
+    pred = torch.stack([probs[r, c] > 0.5 for r, c in enumerate(classes)])
+    assert metrics["mask_rcnn/accuracy"] == pytest.approx((pred == targets).float().mean().item())
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "softmax"])
 def test_mask_loss_without_foreground_is_zero(loss_type):
     head = MRCNNMaskHead(
-        input_shape=ShapeSpec(channels=8),
-        num_classes=3,
-        num_conv=2,
-        conv_dim=8,
-        loss_type=loss_type,
+        input_shape=ShapeSpec(channels=8), num_classes=3, conv_dims=[8, 8, 8], loss_type=loss_type
     )
     empty = Instances((20, 20))
     empty.proposal_boxes = Boxes(torch.zeros(0, 4))
@@ -188,6 +167,13 @@ def test_mask_inference_takes_predicted_class(loss_type):
         torch.testing.assert_close(got[r], expected)
 
 
+def _detections():
+    dets = [Instances((10, 10)), Instances((10, 10))]
+    dets[0].pred_classes = torch.tensor([0, 4, 2])
+    dets[1].pred_classes = torch.tensor([1, 3])
+    return dets
+
+
 @pytest.mark.parametrize(
     "num_conv, side, name",
     [(4, 14, "MRCNNMaskHead"), (0, 7, "MRCNNMaskHead"), (0, 14, "MRCNNMLPMaskHead")],
@@ -209,9 +195,7 @@ def test_head_shapes_train_and_eval(num_conv, side, name, agnostic):
     assert torch.isfinite(losses["loss_mask"]) and losses["loss_mask"].requires_grad
 
     head.eval()
-    dets = [Instances((10, 10)), Instances((10, 10))]
-    dets[0].pred_classes = torch.tensor([0, 4, 2])
-    dets[1].pred_classes = torch.tensor([1, 3])
+    dets = _detections()
     out = head(x, dets)
     assert out is dets
     assert dets[0].pred_masks.shape == (3, 1, 2 * side, 2 * side)
@@ -220,9 +204,11 @@ def test_head_shapes_train_and_eval(num_conv, side, name, agnostic):
 
 
 @pytest.mark.parametrize("num_conv, norm", [(4, ""), (4, "GN"), (0, "")])
-def test_fcn_head_matches_detectron2(num_conv, norm):
-    """Same state_dict names/shapes, same seeded init, same outputs as MaskRCNNConvUpsampleHead."""
-    cfg = _cfg(num_conv=num_conv, norm=norm)
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_fcn_head_matches_detectron2(num_conv, norm, agnostic):
+    """Same state_dict, same seeded init, same loss, metrics and masks as detectron2's
+    MaskRCNNConvUpsampleHead."""
+    cfg = _cfg(num_conv=num_conv, norm=norm, agnostic=agnostic)
     shape = ShapeSpec(channels=8, height=7, width=7)
     torch.manual_seed(0)
     ours = MRCNNMaskHead(cfg, shape)
@@ -236,8 +222,60 @@ def test_fcn_head_matches_detectron2(num_conv, norm):
         torch.testing.assert_close(ours_sd[key], value, rtol=0, atol=0)
     assert ours.predictor.weight.std().item() == pytest.approx(0.001, rel=0.3)
     assert ours.predictor.bias.abs().sum() == 0 and ours.deconv.bias.abs().sum() == 0
-    x = torch.randn(3, 8, 7, 7)
-    torch.testing.assert_close(ours.layers(x), theirs.layers(x))
+
+    with torch.no_grad():  # a predictor that gives masks far from 0.5
+        theirs.predictor.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 8, 7, 7)
+    rois, _, _ = _foreground_rois(num_classes=5)
+    losses = []
+    for head in (ours, theirs):
+        with EventStorage() as storage:
+            loss = head(x, rois)["loss_mask"]
+            losses.append((loss, {k: v[0] for k, v in storage.latest().items()}))
+    assert losses[0][0].item() == losses[1][0].item() and losses[0][1] == losses[1][1]
+    assert set(losses[0][1]) >= {"mask_rcnn/accuracy", "mask_rcnn/false_negative"}
+    mine, ref = _detections(), _detections()
+    ours.eval()(x, mine)
+    theirs.eval()(x, ref)
+    for a, b in zip(mine, ref):
+        assert torch.equal(a.pred_masks, b.pred_masks)
+
+
+@pytest.mark.parametrize(
+    "num_conv, side, name",
+    [(4, 14, "MRCNNMaskHead"), (0, 7, "MRCNNMaskHead"), (0, 14, "MRCNNMLPMaskHead")],
+)
+@pytest.mark.parametrize("loss_type", ["sigmoid", "softmax"])
+def test_bfloat16_autocast_train_step_and_inference(num_conv, side, name, loss_type):
+    """The CPU trainer runs the forward under bfloat16 autocast: float32 loss close to the
+    float32 one, finite gradients, an SGD step, float32 masks in eval."""
+    cfg = _cfg(num_conv=num_conv, loss=loss_type, name=name)
+    torch.manual_seed(0)
+    head = build_mask_head(cfg, ShapeSpec(channels=8, height=side, width=side))
+    with torch.no_grad():
+        head.predictor.weight.normal_(0, 0.05)
+    x = torch.randn(5, 8, side, side)
+    rois, _, _ = _foreground_rois(num_classes=5)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    with EventStorage():
+        reference = head(x, rois)["loss_mask"].item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = head(x, rois)["loss_mask"]
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(reference, rel=0.05)
+        loss.backward()
+        before = head.predictor.weight.detach().clone()
+        grads = [p.grad for p in head.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        optimizer.step()
+    assert not torch.equal(head.predictor.weight, before)
+    assert all(torch.isfinite(p).all() for p in head.parameters())
+    head.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dets = head(x, _detections())
+    assert dets[0].pred_masks.dtype == torch.float32
+    assert torch.isfinite(dets[0].pred_masks).all()
 
 
 def test_mlp_head_layers():
@@ -263,5 +301,5 @@ def test_mlp_head_layers():
 def test_unknown_loss_type_rejected():
     with pytest.raises(AssertionError):
         MRCNNMaskHead(
-            input_shape=ShapeSpec(channels=4), num_classes=2, num_conv=0, conv_dim=4, loss_type="l2"
+            input_shape=ShapeSpec(channels=4), num_classes=2, conv_dims=[4], loss_type="l2"
         )

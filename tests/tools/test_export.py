@@ -152,9 +152,12 @@ def test_postprocess_of_traced_outputs_equals_eager_forward(traced, shapes_model
 
 
 def test_keypoint_mask_model_traced(images):
+    """Keypoints come out of the graph: detectron2's heatmaps_to_keypoints, scripted when
+    tracing, decodes any number of detections."""
     cfg, model = _perturbed_model(KEYPOINT_CONFIG, KEYPOINT_OPTS)
     adapter = ExportAdapter(model)
-    assert adapter.output_names[-2:] == ["pred_masks", "pred_keypoint_heatmaps"]
+    names = adapter.output_names
+    assert names[-3:] == ["pred_masks", "pred_keypoints", "pred_keypoint_heatmaps"]
     module = export_torchscript(adapter, _as_input(images[0]))
     counts = [len(_eager(adapter, images[0])[0])]
     for image in images[1:]:
@@ -162,10 +165,15 @@ def test_keypoint_mask_model_traced(images):
         with torch.no_grad():
             exported = list(module(x))
             expected = model([{"image": x, "height": SIZE, "width": SIZE}])[0]["instances"]
-        _assert_outputs_close(adapter.output_names, _eager(adapter, image), exported, ATOL)
-        assert exported[4].shape[1:] == (4, 56, 56)  # 14x14 RoIs, deconv x2, upsampling x2
-        result = postprocess(dict(zip(adapter.output_names, exported)), (SIZE, SIZE))
+        _assert_outputs_close(names, _eager(adapter, image), exported, ATOL)
+        assert exported[4].shape[1:] == (4, 3)
+        assert exported[5].shape[1:] == (4, 56, 56)  # 14x14 RoIs, deconv x2, upsampling x2
+        outputs = dict(zip(names, exported))
+        before = outputs["pred_keypoints"].clone()
+        result = postprocess(outputs, (SIZE, SIZE))
+        assert torch.equal(outputs["pred_keypoints"], before)  # the outputs are not modified
         assert torch.allclose(result.pred_keypoints, expected.pred_keypoints, atol=ATOL)
+        assert torch.equal(result.pred_keypoint_heatmaps, expected.pred_keypoint_heatmaps)
         counts.append(len(result))
     assert min(counts) > 0 and any(count != counts[0] for count in counts[1:]), counts
 
