@@ -3,7 +3,8 @@
 # the package registries alone. Usage: tools/install_env.sh VENV_DIR
 #
 # - An environment that already has torch + torchvision keeps them.
-# - An environment whose detectron2 imports with working compiled ops keeps it untouched.
+# - An environment that already has detectron2 (v0.6, main, editable or not) keeps it untouched;
+#   only what it needs around it is added (a setuptools that still has pkg_resources).
 # - Otherwise detectron2 v0.6 is installed from the registry's pb1-detectron2 sdist, repackaged
 #   as a distribution named "detectron2" (tools/detectron2_dist/setup.py).
 set -euo pipefail
@@ -42,7 +43,33 @@ else
     rm -rf "$src"
 fi
 
+# From here on pip may add packages but never move torch, torchvision or detectron2.
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+"$py" - >"$constraints" <<'PY'
+import importlib.metadata as md
+for name in ("torch", "torchvision", "detectron2"):
+    try:
+        print(f"{name}=={md.version(name)}")
+    except md.PackageNotFoundError:
+        pass
+PY
+pip+=(--constraint "$constraints")
+
+# detectron2's model_zoo imports pkg_resources (v0.6 and main); setuptools 82 dropped it.
+if ! "$py" -c "import pkg_resources" 2>/dev/null; then
+    echo "[env] pkg_resources is missing (setuptools>=82): installing setuptools<81"
+    "${pip[@]}" "setuptools<81" 2>&1 | quiet
+fi
+
 # The compiled-ops fallback is an ordinary (non-editable) install: it ships a .pth file.
 "${pip[@]}" --no-deps --force-reinstall "$root/csrc_fallback" 2>&1 | quiet
 "${pip[@]}" -e "$root[dev]" 2>&1 | quiet
+
+# PointRend mixing needs detectron2's projects/, which a bare copy of detectron2/ lacks.
+if ! "$py" -c "import importlib.util as u, sys
+sys.exit(u.find_spec('detectron2.projects.point_rend') is None)" 2>/dev/null; then
+    echo "[env] note: detectron2.projects.point_rend is not importable (detectron2 installed" \
+        "without projects/); kept as is, but tests/test_mixing.py needs it"
+fi
 echo "[env] ready: $venv"
