@@ -3,8 +3,14 @@ segmentation) and "persons" (stick figures with COCO keypoints).
 
 Nothing is registered at import; call :func:`register_shapes`, :func:`register_persons` or
 :func:`register_synthetic`. Masks are stored as RLE: set ``cfg.INPUT.MASK_FORMAT = "bitmask"``.
+
+For data the project did not make: :func:`build_validated_train_loader` (and the
+``ValidatingDatasetMapper`` it uses) names bad images and annotations, or skips and counts them
+when ``cfg.DATALOADER.MRCNN.SKIP_BAD_RECORDS`` is set (keys: :func:`add_data_validation_config`).
 """
 
+from .image_io import read_image_checked
+from .mapper import ValidatingDatasetMapper
 from .persons import (
     KEYPOINT_CONNECTION_RULES,
     KEYPOINT_FLIP_MAP,
@@ -15,16 +21,44 @@ from .persons import (
 )
 from .register import register_persons, register_shapes, register_synthetic
 from .shapes import SHAPE_CLASSES, generate_shapes, shapes_metadata
+from .train_loader import (
+    BadRecordSkipper,
+    add_data_validation_config,
+    build_validated_train_dataset,
+    build_validated_train_loader,
+    load_validated_train_records,
+)
+from .validation import (
+    BadDatasetError,
+    BadImageError,
+    BadRecordError,
+    ImageSizeMismatchError,
+    RecordChecker,
+    TooManyBadRecordsError,
+)
 
 __all__ = [
+    "BadDatasetError",
+    "BadImageError",
+    "BadRecordError",
+    "BadRecordSkipper",
+    "ImageSizeMismatchError",
     "KEYPOINT_CONNECTION_RULES",
     "KEYPOINT_FLIP_MAP",
     "KEYPOINT_NAMES",
     "KEYPOINT_OKS_SIGMAS",
+    "RecordChecker",
     "SHAPE_CLASSES",
+    "TooManyBadRecordsError",
+    "ValidatingDatasetMapper",
+    "add_data_validation_config",
+    "build_validated_train_dataset",
+    "build_validated_train_loader",
     "generate_persons",
     "generate_shapes",
+    "load_validated_train_records",
     "persons_metadata",
+    "read_image_checked",
     "register_persons",
     "register_shapes",
     "register_synthetic",
