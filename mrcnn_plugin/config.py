@@ -21,19 +21,28 @@ def add_mrcnn_config(cfg):
     """Adds the ``MODEL.MRCNN`` node to ``cfg`` in place and returns it."""
     mrcnn = cfg.MODEL.MRCNN = CN()
 
-    # RoI feature extraction (paper Table 2c/2d). NAME is looked up in ROI_OP_REGISTRY:
-    # "MRCNNRoIAlign", "MRCNNRoIPool" or "MRCNNRoIWarp". Resolution and sampling ratio come
-    # from each head's POOLER_RESOLUTION / POOLER_SAMPLING_RATIO, as in detectron2.
+    # RoI feature extraction (paper Table 2c/2d) of every branch whose POOLER_TYPE is set
+    # (POOLER_TYPE "" means no pooler, as in detectron2; any other value is replaced by this op).
+    # NAME is looked up in ROI_OP_REGISTRY: "MRCNNRoIAlign", "MRCNNRoIPool" or "MRCNNRoIWarp".
+    # Resolution and sampling ratio come from each head's POOLER_RESOLUTION /
+    # POOLER_SAMPLING_RATIO, as in detectron2.
     mrcnn.ROI_OP = CN()
     mrcnn.ROI_OP.NAME = "MRCNNRoIAlign"
     # Half-pixel shift of RoI coordinates (detectron2's ROIAlignV2). The paper's RoIAlign
-    # is not aligned; detectron2's default is.
+    # is not aligned; detectron2's default is. RoIPool and RoIWarp need False.
     mrcnn.ROI_OP.ALIGNED = True
-    # How the samples in a bin are combined: "avg" or "max" (RoIAlign and RoIWarp).
+    # How the samples in a bin are combined: "avg" or "max" (RoIAlign and RoIWarp; RoIPool
+    # needs "max").
     mrcnn.ROI_OP.AGGREGATION = "avg"
     # FPN level assignment (FPN paper eq. 1): k = floor(k0 + log2(sqrt(wh) / 224)).
     mrcnn.ROI_OP.CANONICAL_BOX_SIZE = 224
     mrcnn.ROI_OP.CANONICAL_LEVEL = 4
+    # Per-branch overrides of NAME / ALIGNED / AGGREGATION: a key left at None takes the value
+    # above, e.g. ROI_OP.KEYPOINT.NAME "MRCNNRoIPool" (with ALIGNED False, AGGREGATION "max")
+    # changes only the keypoint branch (mrcnn_plugin.modeling.poolers.roi_op_of_head resolves
+    # them). The C4 head pools once for all branches, so it takes only the BOX overrides.
+    for branch in ("BOX", "MASK", "KEYPOINT"):
+        mrcnn.ROI_OP[branch] = CN({"NAME": None, "ALIGNED": None, "AGGREGATION": None})
 
     # C4 head: stride of res5's first block. 2 is detectron2's design (14x14 RoIs into a
     # stride-2 res5); 1 is the paper's Fig. 4 (7x7 RoIs, res5 run at stride 1).

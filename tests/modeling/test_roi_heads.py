@@ -14,11 +14,13 @@ from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
 from detectron2.utils.events import EventStorage
 
 from mrcnn_plugin.config import add_mrcnn_config
-from mrcnn_plugin.layers import MRCNNRoIAlign, MRCNNRoIPool
+from mrcnn_plugin.layers import MRCNNRoIAlign
 from mrcnn_plugin.modeling.poolers import MultiLevelRoIPooler
-from mrcnn_plugin.modeling.roi_heads.c4_roi_heads import MRCNNRes5ROIHeads
-from mrcnn_plugin.modeling.roi_heads.fpn_roi_heads import MRCNNStandardROIHeads
-from mrcnn_plugin.modeling.roi_heads.mask_head import MRCNNMaskHead
+from mrcnn_plugin.modeling.roi_heads import (
+    MRCNNMaskHead,
+    MRCNNRes5ROIHeads,
+    MRCNNStandardROIHeads,
+)
 
 PLUGIN_HEADS = {"FPN": "MRCNNStandardROIHeads", "C4": "MRCNNRes5ROIHeads"}
 IMAGE = 64
@@ -124,21 +126,39 @@ def test_fpn_poolers_and_roi_op_from_config():
     cfg = _use_plugin(_tiny_cfg("FPN", keypoints=True), "FPN")
     heads = build_model(cfg).roi_heads
     assert isinstance(heads.mask_head, MRCNNMaskHead)
-    for pooler, side in [
-        (heads.box_pooler, 7),
-        (heads.mask_pooler, 14),
-        (heads.keypoint_pooler, 14),
-    ]:
+    poolers = {"box": (heads.box_pooler, 7), "mask": (heads.mask_pooler, 14)}
+    poolers["keypoint"] = (heads.keypoint_pooler, 14)
+    for pooler, side in poolers.values():
         assert isinstance(pooler, MultiLevelRoIPooler)
         assert pooler.output_size == (side, side)
         assert (pooler.min_level, pooler.max_level) == (2, 5)
         assert all(isinstance(op, MRCNNRoIAlign) for op in pooler.level_poolers)
-    # The op comes from MODEL.MRCNN.ROI_OP, not from POOLER_TYPE.
+    # The op comes from MODEL.MRCNN.ROI_OP and its per-branch overrides, not from POOLER_TYPE.
     cfg.MODEL.MRCNN.ROI_OP.NAME = "MRCNNRoIPool"
     cfg.MODEL.MRCNN.ROI_OP.ALIGNED = False
     cfg.MODEL.MRCNN.ROI_OP.AGGREGATION = "max"
+    cfg.MODEL.MRCNN.ROI_OP.MASK.NAME = "MRCNNRoIWarp"
     heads = build_model(cfg).roi_heads
-    assert all(isinstance(op, MRCNNRoIPool) for op in heads.box_pooler.level_poolers)
+    ops = {
+        "box": heads.box_pooler.level_poolers,
+        "mask": heads.mask_pooler.level_poolers,
+        "keypoint": heads.keypoint_pooler.level_poolers,
+    }
+    assert {branch: {type(op).__name__ for op in o} for branch, o in ops.items()} == {
+        "box": {"MRCNNRoIPool"},
+        "mask": {"MRCNNRoIWarp"},
+        "keypoint": {"MRCNNRoIPool"},
+    }
+
+
+def test_c4_pools_once_so_rejects_mask_and_keypoint_op_overrides():
+    cfg = _use_plugin(_tiny_cfg("C4"), "C4")
+    cfg.MODEL.MRCNN.ROI_OP.BOX.AGGREGATION = "max"
+    heads = build_model(cfg).roi_heads
+    assert heads.pooler.level_poolers[0].aggregation == "max"
+    cfg.MODEL.MRCNN.ROI_OP.MASK.NAME = "MRCNNRoIWarp"
+    with pytest.raises(ValueError, match="ROI_OP.MASK"):
+        build_model(cfg)
 
 
 def test_c4_paper_variant():

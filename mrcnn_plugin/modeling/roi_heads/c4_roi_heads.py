@@ -6,7 +6,8 @@ those of the foreground proposals, at test time those of the final detections.
 
 S is POOLER_RESOLUTION / MODEL.MRCNN.RES5_FIRST_STRIDE: detectron2's 14x14 RoIs into a stride-2
 res5, or the paper's 7x7 RoIs into a stride-1 res5; both give 7x7 and a 14x14 mask.
-State_dict names equal detectron2's Res5ROIHeads (``res5.{0,1,2}``, ``box_predictor``,
+Built on detectron2's public ``ROIHeads`` (proposal matching and sampling); the attribute
+names equal detectron2's Res5ROIHeads' (``pooler``, ``res5.{0,1,2}``, ``box_predictor``,
 ``mask_head``), so its checkpoints load unchanged.
 """
 
@@ -18,7 +19,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_HEADS_REGISTRY
 from detectron2.modeling.roi_heads import (
     FastRCNNOutputLayers,
-    Res5ROIHeads,
+    ROIHeads,
     build_keypoint_head,
     build_mask_head,
     select_foreground_proposals,
@@ -38,55 +39,84 @@ _FEATURE_ROW = "mrcnn_feature_row"
 
 
 @ROI_HEADS_REGISTRY.register()
-class MRCNNRes5ROIHeads(Res5ROIHeads):
-    """detectron2's Res5ROIHeads with the plugin's pooler and res5, plus a keypoint branch.
+class MRCNNRes5ROIHeads(ROIHeads):
+    """A C4 head (as detectron2's Res5ROIHeads) with the plugin's pooler and res5, plus a
+    keypoint branch.
 
     Config: ROI_HEADS.IN_FEATURES (one map, "res4"), ROI_BOX_HEAD.POOLER_RESOLUTION /
-    POOLER_SAMPLING_RATIO, MODEL.MRCNN.ROI_OP, MODEL.MRCNN.RES5_FIRST_STRIDE, MODEL.RESNETS
-    (res5 width, norm, ResNeXt groups), MASK_ON / ROI_MASK_HEAD.*, KEYPOINT_ON /
-    ROI_KEYPOINT_HEAD.* (its POOLER_* keys are unused: the RoI features are shared).
+    POOLER_SAMPLING_RATIO, MODEL.MRCNN.ROI_OP (with its BOX overrides),
+    MODEL.MRCNN.RES5_FIRST_STRIDE, MODEL.RESNETS (res5 width, norm, ResNeXt groups),
+    MASK_ON / ROI_MASK_HEAD.*, KEYPOINT_ON / ROI_KEYPOINT_HEAD.* (their POOLER_* keys are
+    unused: the RoI features are shared).
     """
 
     @configurable
-    def __init__(self, *, keypoint_head: Optional[nn.Module] = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        in_features: List[str],
+        pooler: nn.Module,
+        res5: nn.Module,
+        box_predictor: nn.Module,
+        mask_head: Optional[nn.Module] = None,
+        keypoint_head: Optional[nn.Module] = None,
+        **kwargs,
+    ):
         """
         Args:
-            keypoint_head: run on the res5 features (R, C, S, S) of the proposals with visible
-                keypoints (training) or of the detections (inference); None: no keypoints.
-            kwargs: Res5ROIHeads' arguments (in_features, pooler, res5, box_predictor,
-                mask_head) and ROIHeads' (num_classes, proposal_matcher, ...).
+            in_features: the one feature map to pool from, e.g. ["res4"].
+            pooler: ``pooler([feature], boxes) -> (R, C, P, P)``.
+            res5: (R, C, P, P) -> (R, C', S, S), shared by all branches.
+            box_predictor: FastRCNNOutputLayers on the (R, C') average-pooled res5 features.
+            mask_head, keypoint_head: run on the res5 features (R, C', S, S) of the foreground
+                proposals (training; for keypoints those with visible keypoints) or of the
+                detections (inference); None: no such branch.
+            kwargs: ROIHeads' arguments (num_classes, proposal_matcher, ...).
         """
         super().__init__(**kwargs)
+        self.in_features = in_features
+        self.pooler = pooler
+        self.res5 = res5
+        self.box_predictor = box_predictor
+        self.mask_on = mask_head is not None
+        if self.mask_on:
+            self.mask_head = mask_head
         self.keypoint_on = keypoint_head is not None
         if self.keypoint_on:
             self.keypoint_head = keypoint_head
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        # Res5ROIHeads.from_config builds detectron2's ROIPooler and rejects keypoints, so
-        # start from ROIHeads' (proposal matching and sampling).
-        ret = super(Res5ROIHeads, cls).from_config(cfg)
+        ret = super().from_config(cfg)
         in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
         assert len(in_features) == 1, f"C4 heads pool from one feature map, got {in_features}"
-        ret["in_features"] = in_features
-        ret["pooler"] = build_pooler_from_config(cfg, "ROI_BOX_HEAD", input_shape, in_features)
-        ret["res5"], out_channels = cls._build_res5_block(cfg)
-        stride = res5_stage_kwargs_from_config(cfg)["first_stride"]
+        for branch in ("MASK", "KEYPOINT"):
+            overrides = cfg.MODEL.MRCNN.ROI_OP[branch]
+            if any(v is not None for v in overrides.values()):
+                raise ValueError(
+                    f"MODEL.MRCNN.ROI_OP.{branch} is set, but the C4 head pools once for all "
+                    "branches: set MODEL.MRCNN.ROI_OP (or its BOX overrides) instead"
+                )
+        assert not cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE[-1], "no deformable res5 in the head"
+        res5_kwargs = res5_stage_kwargs_from_config(cfg)
+        channels, stride = res5_kwargs["out_channels"], res5_kwargs["first_stride"]
         side = -(-cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION // stride)  # res5 output, ceil
-        res5_shape = ShapeSpec(channels=out_channels, height=side, width=side)
-        ret["box_predictor"] = FastRCNNOutputLayers(cfg, ShapeSpec(channels=out_channels))
+        res5_shape = ShapeSpec(channels=channels, height=side, width=side)
+        ret.update(
+            in_features=in_features,
+            pooler=build_pooler_from_config(cfg, "ROI_BOX_HEAD", input_shape, in_features),
+            res5=make_res5_stage(**res5_kwargs),
+            box_predictor=FastRCNNOutputLayers(cfg, ShapeSpec(channels=channels)),
+        )
         if cfg.MODEL.MASK_ON:
             ret["mask_head"] = build_mask_head(cfg, res5_shape)
         if cfg.MODEL.KEYPOINT_ON:
             ret["keypoint_head"] = build_keypoint_head(cfg, res5_shape)
         return ret
 
-    @classmethod
-    def _build_res5_block(cls, cfg):
-        """The plugin's res5 stage (first stride from MODEL.MRCNN.RES5_FIRST_STRIDE)."""
-        assert not cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE[-1], "no deformable res5 in the head"
-        kwargs = res5_stage_kwargs_from_config(cfg)
-        return make_res5_stage(**kwargs), kwargs["out_channels"]
+    def _res5_features(self, features: Dict[str, torch.Tensor], boxes) -> torch.Tensor:
+        """(R, C', S, S) res5 features of ``boxes`` (N lists of Boxes)."""
+        return self.res5(self.pooler([features[f] for f in self.in_features], boxes))
 
     def forward(
         self,
@@ -102,10 +132,7 @@ class MRCNNRes5ROIHeads(Res5ROIHeads):
             proposals = self.label_and_sample_proposals(proposals, targets)
         del targets
 
-        feature_list = [features[f] for f in self.in_features]
-        res5_features = self._shared_roi_transform(
-            feature_list, [p.proposal_boxes for p in proposals]
-        )  # (R, C, S, S)
+        res5_features = self._res5_features(features, [p.proposal_boxes for p in proposals])
         predictions = self.box_predictor(res5_features.mean(dim=[2, 3]))
         if not self.training:
             detections, _ = self.box_predictor.inference(predictions, proposals)
@@ -146,8 +173,7 @@ class MRCNNRes5ROIHeads(Res5ROIHeads):
         assert instances[0].has("pred_boxes") and instances[0].has("pred_classes")
         if not (self.mask_on or self.keypoint_on):
             return instances
-        feature_list = [features[f] for f in self.in_features]
-        x = self._shared_roi_transform(feature_list, [i.pred_boxes for i in instances])
+        x = self._res5_features(features, [i.pred_boxes for i in instances])
         if self.mask_on:
             instances = self.mask_head(x, instances)
         if self.keypoint_on:

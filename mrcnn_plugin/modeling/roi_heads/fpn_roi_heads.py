@@ -1,36 +1,23 @@
 """ROI heads with a separate pooler per branch (FPN, DC5, C5): paper Fig. 4 right.
 
-Only the construction of the branches changes from detectron2's ``StandardROIHeads``: every
-pooler is the plugin's :class:`MultiLevelRoIPooler`, whose RoI op comes from
-``MODEL.MRCNN.ROI_OP`` (Table 2c) instead of ``POOLER_TYPE``. Proposal sampling, the
-train/infer flow (masks on foreground proposals in training, on the final detections at test
-time) and the state_dict names (``box_head.fc1``, ``box_predictor.cls_score``,
-``mask_head.mask_fcn1``, ...) are detectron2's, so model-zoo checkpoints load unchanged.
+detectron2's ``StandardROIHeads.from_config`` builds every branch; the plugin only swaps each
+pooler it built for a :class:`MultiLevelRoIPooler` whose op comes from ``MODEL.MRCNN.ROI_OP``
+(per branch, Table 2c). A branch with ``POOLER_TYPE: ""`` keeps detectron2's contract: no
+pooler, its head receives the dict of feature maps (e.g. PointRend's mask head). Proposal
+sampling, the train/infer flow and the state_dict names are detectron2's, so its checkpoints
+load unchanged.
 """
 
-from typing import Dict, List
+from typing import Dict
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import ROI_HEADS_REGISTRY, StandardROIHeads
-from detectron2.modeling.roi_heads import (
-    FastRCNNOutputLayers,
-    build_box_head,
-    build_keypoint_head,
-    build_mask_head,
-)
 
 from ..poolers import build_pooler_from_config
 
 __all__ = ["MRCNNStandardROIHeads"]
 
-
-def _pooled_shape(cfg, head_key: str, input_shape: Dict[str, ShapeSpec], in_features: List[str]):
-    """ShapeSpec (C, P, P) of the RoI features a branch's pooler produces."""
-    channels = {input_shape[f].channels for f in in_features}
-    # One head is shared by all pyramid levels, so they must have the same width.
-    assert len(channels) == 1, f"in_features {in_features} have different channels {channels}"
-    side = cfg.MODEL[head_key].POOLER_RESOLUTION
-    return ShapeSpec(channels=channels.pop(), height=side, width=side)
+_BRANCHES = (("box", "ROI_BOX_HEAD"), ("mask", "ROI_MASK_HEAD"), ("keypoint", "ROI_KEYPOINT_HEAD"))
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -38,46 +25,17 @@ class MRCNNStandardROIHeads(StandardROIHeads):
     """detectron2's StandardROIHeads with the plugin's poolers.
 
     Box branch: pooler (ROI_BOX_HEAD.POOLER_RESOLUTION, 7x7 for FPN) -> box head from
-    ROI_BOX_HEAD_REGISTRY (e.g. FastRCNNConvFCHead: fc 1024, fc 1024) -> FastRCNNOutputLayers.
-    Mask branch: pooler (ROI_MASK_HEAD.POOLER_RESOLUTION, 14x14) -> mask head from
-    ROI_MASK_HEAD_REGISTRY (e.g. "MRCNNMaskHead" or detectron2's head).
-    Keypoint branch: pooler (ROI_KEYPOINT_HEAD.POOLER_RESOLUTION) -> keypoint head from
-    ROI_KEYPOINT_HEAD_REGISTRY. POOLER_TYPE of all three heads is ignored.
+    ROI_BOX_HEAD_REGISTRY -> FastRCNNOutputLayers. Mask and keypoint branches: pooler
+    (POOLER_RESOLUTION, 14x14) -> a head from ROI_MASK_HEAD_REGISTRY / ROI_KEYPOINT_HEAD_REGISTRY
+    (the plugin's or anyone's), or no pooler and the feature dict if POOLER_TYPE is "".
     """
 
     @classmethod
-    def _init_box_head(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
-        box_head = build_box_head(cfg, _pooled_shape(cfg, "ROI_BOX_HEAD", input_shape, in_features))
-        return {
-            "box_in_features": in_features,
-            "box_pooler": build_pooler_from_config(cfg, "ROI_BOX_HEAD", input_shape, in_features),
-            "box_head": box_head,
-            "box_predictor": FastRCNNOutputLayers(cfg, box_head.output_shape),
-        }
-
-    @classmethod
-    def _init_mask_head(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        if not cfg.MODEL.MASK_ON:
-            return {}
-        in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
-        shape = _pooled_shape(cfg, "ROI_MASK_HEAD", input_shape, in_features)
-        return {
-            "mask_in_features": in_features,
-            "mask_pooler": build_pooler_from_config(cfg, "ROI_MASK_HEAD", input_shape, in_features),
-            "mask_head": build_mask_head(cfg, shape),
-        }
-
-    @classmethod
-    def _init_keypoint_head(cls, cfg, input_shape: Dict[str, ShapeSpec]):
-        if not cfg.MODEL.KEYPOINT_ON:
-            return {}
-        in_features = list(cfg.MODEL.ROI_HEADS.IN_FEATURES)
-        shape = _pooled_shape(cfg, "ROI_KEYPOINT_HEAD", input_shape, in_features)
-        return {
-            "keypoint_in_features": in_features,
-            "keypoint_pooler": build_pooler_from_config(
-                cfg, "ROI_KEYPOINT_HEAD", input_shape, in_features
-            ),
-            "keypoint_head": build_keypoint_head(cfg, shape),
-        }
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        ret = super().from_config(cfg, input_shape)
+        for branch, head_key in _BRANCHES:
+            if ret.get(f"{branch}_pooler") is not None:  # detectron2 built one
+                in_features = ret[f"{branch}_in_features"]
+                pooler = build_pooler_from_config(cfg, head_key, input_shape, in_features)
+                ret[f"{branch}_pooler"] = pooler
+        return ret
