@@ -1,28 +1,37 @@
 """Loading weights that must fit: every key is loaded, or the failure names the keys.
 
-detectron2's ``DetectionCheckpointer`` reads all the usual formats (``.pth``; ``.pkl`` in
-Detectron2 model-zoo naming; ``.pkl`` with Caffe2 / Detectron1 blob names, renamed by its
-heuristics) but only *warns* about keys that are missing, unexpected or of the wrong shape, and
-goes on with randomly initialised weights in their place. For inference that silently gives a
-broken model, so ``load_checkpoint`` turns every such key into an error, except, when asked for
-fine-tuning, the class-dependent predictor layers whose shapes change with the number of
-classes (or keypoints): those are skipped, logged and returned.
+detectron2's ``DetectionCheckpointer`` reads the usual formats but only *warns* about keys that
+are missing, unexpected or of the wrong shape, and goes on with randomly initialised weights in
+their place; for inference that silently gives a broken model. ``load_checkpoint`` reads the
+same formats (``.pth``; ``.pkl`` in Detectron2 model-zoo naming; ``.pkl`` with Caffe2 /
+Detectron1 blob names, renamed by detectron2's own ``align_and_update_state_dicts``) and turns
+every such key into an error, except, when asked for fine-tuning, the class-dependent predictor
+layers whose shapes change with the number of classes (or keypoints): those are skipped, logged
+and returned.
+
+Files are read without running code from them: ``.pth`` with ``torch.load(weights_only=True)``,
+``.pkl`` with an unpickler that only rebuilds numpy arrays and plain containers.
 """
 
 import logging
 import os
+import pickle
 from typing import Dict, List, NamedTuple, Tuple
 
+import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from fvcore.common.checkpoint import Checkpointer
+from detectron2.checkpoint.c2_model_loading import align_and_update_state_dicts
+from detectron2.utils.file_io import PathManager
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 __all__ = [
     "PREDICTOR_PREFIXES",
     "CheckpointMismatchError",
     "SkippedKey",
+    "UnsafeCheckpointError",
     "is_predictor_key",
     "load_checkpoint",
+    "read_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -35,6 +44,17 @@ PREDICTOR_PREFIXES = (
     "roi_heads.mask_head.predictor.",
     "roi_heads.keypoint_head.score_lowres.",
 )
+
+# The globals a pickle of numpy arrays in plain containers needs (numpy 1.x and 2.x module
+# names; ``_codecs.encode`` is how protocol 2 stores bytes). Nothing else is imported.
+PICKLE_GLOBALS = {
+    (numpy_core + module, name)
+    for numpy_core in ("numpy.core.", "numpy._core.")
+    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                         ("numeric", "_frombuffer"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+     ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+     ("builtins", "bytearray"), ("builtins", "complex")}  # fmt: skip
 
 
 class SkippedKey(NamedTuple):
@@ -50,58 +70,74 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint does not fit the model; the message names the file and the keys."""
 
 
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A ``.pkl`` checkpoint refers to a global that is not a numpy array or plain container."""
+
+
 def is_predictor_key(key: str) -> bool:
     """True for the class-dependent predictor layers listed in ``PREDICTOR_PREFIXES``."""
     return key.startswith(PREDICTOR_PREFIXES)
 
 
-class _FinalStateRecorder(Checkpointer):
-    """Records the shapes of the state dict handed to fvcore's loader, i.e. *after*
-    DetectionCheckpointer renamed it, so rejected keys can be reported with their shape."""
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that refuses every global outside ``PICKLE_GLOBALS``."""
 
-    def _load_model(self, checkpoint):
-        self.final_shapes = {k: tuple(v.shape) for k, v in checkpoint["model"].items()}
-        return super()._load_model(checkpoint)
+    def __init__(self, file, path: str):
+        super().__init__(file, encoding="latin1")  # Detectron1 files were written by Python 2
+        self.path = path
+
+    def find_class(self, module, name):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise UnsafeCheckpointError(
+                f"checkpoint {self.path} refers to {module}.{name}, which is not a numpy array "
+                "or plain container; refusing to load it"
+            )
+        return super().find_class(module, name)
 
 
-class _ReportingCheckpointer(DetectionCheckpointer, _FinalStateRecorder):
-    """DetectionCheckpointer that keeps the incompatible-keys result of its last load.
+def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], bool, bool]:
+    """Reads the weights of ``path`` (local), as DetectionCheckpointer understands the formats.
 
-    The MRO (DetectionCheckpointer -> _FinalStateRecorder -> Checkpointer) makes the recorder
-    see the renamed state dict on its way to fvcore.
+    Returns:
+        (name -> tensor, whether names need detectron2's matching heuristics, whether they are
+        Caffe2 / Detectron1 blob names).
     """
+    if path.endswith(".pkl"):
+        with open(path, "rb") as f:
+            data = _ArrayUnpickler(f, path).load()
+        if "model" in data and "__author__" in data:  # Detectron2 model zoo
+            weights, heuristics = data["model"], data.get("matching_heuristics", False)
+            c2_names = False
+        else:  # Caffe2 / Detectron1: detection models nest under "blobs", ImageNet ones do not
+            weights = data.get("blobs", data)
+            weights = {k: v for k, v in weights.items() if not k.endswith("_momentum")}
+            heuristics = c2_names = True
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        weights, heuristics, c2_names = data.get("model", data), False, False
+    tensors = {}
+    for key, value in weights.items():
+        if not isinstance(value, (np.ndarray, torch.Tensor)):
+            raise CheckpointMismatchError(f"checkpoint {path}: {key} is a {type(value).__name__}")
+        tensors[key] = torch.as_tensor(value)
+    if tensors and all(k.startswith("module.") for k in tensors):  # saved from a DDP wrapper
+        tensors = {k[len("module.") :]: v for k, v in tensors.items()}
+    return tensors, heuristics, c2_names
 
-    def _load_model(self, checkpoint):
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
 
-
-def _shape_mismatches(checkpointer) -> Tuple[List[SkippedKey], List[str], List[str]]:
-    """Splits the last load's incompatible keys into (shape mismatches, missing, unexpected).
-
-    With name heuristics (``.pkl`` files) a checkpoint key that matched a model key by suffix
-    but had another shape is not loaded: the model key shows up as missing and the checkpoint
-    key as unexpected. Such pairs are shape mismatches, reported under the model's name.
-    """
-    incompatible = checkpointer.incompatible
-    model_shapes = {k: tuple(v.shape) for k, v in checkpointer.model.state_dict().items()}
-    ckpt_shapes: Dict[str, Tuple[int, ...]] = checkpointer.final_shapes
-
-    def ckpt_shape(key):
-        return ckpt_shapes.get(key, ckpt_shapes.get("module." + key, ()))
-
-    mismatched = [SkippedKey(k, tuple(c), tuple(m)) for k, c, m in incompatible.incorrect_shapes]
-    # fvcore drops wrongly shaped tensors before loading, so their keys are "missing" too.
-    missing = [k for k in incompatible.missing_keys if k not in {m.key for m in mismatched}]
-    unexpected = list(incompatible.unexpected_keys)
+def _pair_renamed_mismatches(missing, unexpected, ckpt_shapes, model_shapes):
+    """With name heuristics a checkpoint key that matched a model key by suffix but had another
+    shape is not renamed: the model key is missing and the checkpoint key unexpected. Such pairs
+    are shape mismatches, reported under the model's name; removed from the two lists."""
+    mismatched = []
     for key in list(missing):
         suffixes = [u for u in unexpected if key.endswith("." + u)]
         if suffixes:
             match = max(suffixes, key=len)
-            mismatched.append(SkippedKey(key, ckpt_shape(match), model_shapes[key]))
+            mismatched.append(SkippedKey(key, ckpt_shapes[match], model_shapes[key]))
             missing.remove(key)
             unexpected.remove(match)
-    return mismatched, missing, unexpected
+    return mismatched
 
 
 def _error_message(path, mismatched, missing, unexpected) -> str:
@@ -124,7 +160,7 @@ def _error_message(path, mismatched, missing, unexpected) -> str:
 def load_checkpoint(
     model: torch.nn.Module, path: str, *, allow_head_mismatch: bool = False
 ) -> List[SkippedKey]:
-    """Loads the weights at ``path`` into ``model`` (in place) with DetectionCheckpointer.
+    """Loads the weights at ``path`` into ``model`` (in place).
 
     Args:
         model: the model to fill; a DistributedDataParallel wrapper is unwrapped.
@@ -138,15 +174,35 @@ def load_checkpoint(
     Raises:
         CheckpointMismatchError: any other key that is missing, unexpected or of the wrong
             shape; the model may then be partly loaded and should be discarded.
+        UnsafeCheckpointError: a ``.pkl`` that would construct anything but arrays.
         FileNotFoundError: ``path`` is a local path that does not exist.
     """
     if not path:
         raise ValueError("load_checkpoint: no checkpoint path given")
     if "://" not in path and not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
-    checkpointer = _ReportingCheckpointer(model)
-    checkpointer.load(path, checkpointables=[])
-    mismatched, missing, unexpected = _shape_mismatches(checkpointer)
+    if isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    weights, heuristics, c2_names = read_weights(PathManager.get_local_path(path))
+    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if heuristics:
+        weights = align_and_update_state_dicts(model.state_dict(), weights, c2_conversion=c2_names)
+    ckpt_shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    mismatched = [
+        SkippedKey(k, ckpt_shapes[k], model_shapes[k])
+        for k in weights
+        if k in model_shapes and ckpt_shapes[k] != model_shapes[k]
+    ]
+    for item in mismatched:
+        del weights[item.key]
+    result = model.load_state_dict(weights, strict=False)
+    # As DetectionCheckpointer: old files may lack the input normalisation (set from the
+    # config) and may hold anchors, which are non-persistent buffers now. Wrongly shaped
+    # keys, removed above, are reported as mismatches, not as missing.
+    ignored = {"pixel_mean", "pixel_std"} | {m.key for m in mismatched}  # those are reported
+    missing = [k for k in result.missing_keys if k not in ignored]
+    unexpected = [k for k in result.unexpected_keys if "anchor_generator.cell_anchors" not in k]
+    mismatched += _pair_renamed_mismatches(missing, unexpected, ckpt_shapes, model_shapes)
 
     skipped = [m for m in mismatched if allow_head_mismatch and is_predictor_key(m.key)]
     rejected = [m for m in mismatched if m not in skipped]

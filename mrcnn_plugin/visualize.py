@@ -1,5 +1,6 @@
 """Drawing predictions with detectron2's Visualizer (masks, boxes, class names, keypoints)."""
 
+import logging
 import os
 from typing import List
 
@@ -7,6 +8,25 @@ import cv2
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
+
+from .checkpoint import load_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+def strict_predictor(cfg) -> DefaultPredictor:
+    """``DefaultPredictor(cfg)`` with cfg.MODEL.WEIGHTS loaded by ``load_checkpoint``, which
+    raises for keys that do not fit where DefaultPredictor's own loading only warns."""
+    weights = cfg.MODEL.WEIGHTS
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = ""  # DefaultPredictor then loads nothing
+    predictor = DefaultPredictor(cfg)
+    if weights:
+        load_checkpoint(predictor.model, weights)
+    else:
+        logger.warning("No MODEL.WEIGHTS given: predicting with randomly initialised weights")
+    return predictor
 
 
 def draw_predictions(image_bgr, instances, metadata, scale: float = 1.0):
@@ -20,10 +40,10 @@ def draw_predictions(image_bgr, instances, metadata, scale: float = 1.0):
 def draw_dataset_predictions(
     cfg, dataset_name: str, output_dir: str, num_images: int = 8, scale: float = 3.0
 ) -> List[str]:
-    """Runs ``DefaultPredictor(cfg)`` (which loads ``cfg.MODEL.WEIGHTS``) on the first
+    """Runs ``strict_predictor(cfg)`` (which loads ``cfg.MODEL.WEIGHTS``) on the first
     ``num_images`` images of ``dataset_name`` and writes one PNG per image: the predictions
     (left) beside the ground truth (right). Returns the written paths."""
-    predictor = DefaultPredictor(cfg)
+    predictor = strict_predictor(cfg)
     metadata = MetadataCatalog.get(dataset_name)
     os.makedirs(output_dir, exist_ok=True)
     paths = []

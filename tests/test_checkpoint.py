@@ -11,7 +11,12 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from mrcnn_plugin.checkpoint import CheckpointMismatchError, is_predictor_key, load_checkpoint
+from mrcnn_plugin.checkpoint import (
+    CheckpointMismatchError,
+    UnsafeCheckpointError,
+    is_predictor_key,
+    load_checkpoint,
+)
 from mrcnn_plugin.config import build_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,3 +237,25 @@ def test_is_predictor_key():
     assert is_predictor_key("roi_heads.box_predictor.cls_score.bias")
     assert not is_predictor_key("roi_heads.box_head.fc1.weight")
     assert not is_predictor_key("roi_heads.mask_head.deconv.weight")
+
+
+class _RunsCode:
+    """Unpickling this runs a shell command: what a malicious .pkl checkpoint would do."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_pkl_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "marker"
+    blobs = c2_blobs(build(seed=1))
+    blobs["conv1_w_momentum"] = _RunsCode(f"touch {marker}")
+    path = save_pkl({"blobs": blobs}, tmp_path / "evil.pkl")
+    with pytest.raises(UnsafeCheckpointError) as error:
+        load_checkpoint(build(seed=2), path)
+    message = str(error.value)
+    assert path in message and f"{os.system.__module__}.system" in message, message
+    assert not marker.exists()

@@ -15,18 +15,23 @@ import os
 
 import torch
 from detectron2.utils.logger import setup_logger
-from main_job import TASK_CONFIGS, train_and_evaluate
 
 from mrcnn_plugin.benchmark import use_builtin_components
 from mrcnn_plugin.config import build_cfg
-from mrcnn_plugin.data.catalog import register_synthetic_datasets
+from mrcnn_plugin.data.catalog import DEFAULT_DATA_ROOT, register_synthetic_datasets
+from mrcnn_plugin.engine.job import train_and_evaluate
+
+SHAPES_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "configs/Synthetic/mask_rcnn_R_18_FPN_shapes.yaml",
+)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="output/compare")
-    parser.add_argument("--data-root", default="datasets")
-    parser.add_argument("--config-file", default=TASK_CONFIGS["shapes"])
+    parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--config-file", default=SHAPES_CONFIG)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     args = parser.parse_args()
     logger = setup_logger()

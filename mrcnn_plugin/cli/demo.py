@@ -25,15 +25,13 @@ from typing import List, Optional
 import cv2
 import torch
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint
 from ..config import build_cfg
 from ..data.catalog import dataset_metadata
-from ..visualize import draw_predictions
+from ..visualize import draw_predictions, strict_predictor
 
 logger = logging.getLogger("mrcnn_plugin.demo")
 
@@ -87,20 +85,12 @@ def expand_inputs(items: List[str]) -> List[str]:
 
 
 def setup_predictor(config_file: str, opts: List[str], threshold: float):
-    """Builds ``DefaultPredictor`` and loads MODEL.WEIGHTS strictly. Returns (predictor, cfg)."""
+    """Builds the predictor, MODEL.WEIGHTS loaded strictly. Returns (predictor, cfg)."""
     cfg = build_cfg(config_file, opts)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = threshold
-    weights = cfg.MODEL.WEIGHTS
-    # DefaultPredictor's own loading only warns about keys that do not fit; load afterwards.
-    cfg.MODEL.WEIGHTS = ""
     cfg.freeze()
-    predictor = DefaultPredictor(cfg)
-    if weights:
-        load_checkpoint(predictor.model, weights)
-    else:
-        logger.warning("No MODEL.WEIGHTS given: predicting with randomly initialised weights")
-    return predictor, cfg
+    return strict_predictor(cfg), cfg
 
 
 def coco_results(instances, image_id: int, file_name: str, metadata) -> List[dict]:

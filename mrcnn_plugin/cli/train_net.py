@@ -31,7 +31,7 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import load_checkpoint
 from ..config import build_cfg
 from ..data.catalog import cfg_dataset_names, register_synthetic_datasets
-from ..engine.launch import ddp_on_cpu, launch
+from ..engine.launch import launch
 from ..engine.trainer import MRCNNTrainer
 from .common import add_synthetic_arguments, synthetic_sizes
 
@@ -100,8 +100,7 @@ def run(args):
     )
     if args.eval_only:
         return evaluate(cfg, args)
-    with ddp_on_cpu():
-        trainer = MRCNNTrainer(cfg)
+    trainer = MRCNNTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

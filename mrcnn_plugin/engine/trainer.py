@@ -1,30 +1,97 @@
-"""The plugin's trainer: detectron2's DefaultTrainer with COCO evaluation and CPU autocast."""
+"""The plugin's trainer: detectron2's DefaultTrainer with COCO evaluation and CPU training."""
 
+import logging
 import os
+import weakref
 
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
-from detectron2.engine import DefaultTrainer
+from detectron2.engine import (
+    AMPTrainer,
+    DefaultTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    create_ddp_model,
+)
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
-from .cpu_autocast import CPUAutocastTrainer
-from .launch import ddp_on_cpu
+from .cpu_autocast import CPUAutocastTrainer, cpu_has_bf16
+
+logger = logging.getLogger(__name__)
+
+
+def _step_runner_attribute(name: str) -> property:
+    """DefaultTrainer's ``model`` / ``data_loader`` / ``optimizer``, read from ``step_runner``."""
+    return property(
+        lambda self: getattr(self.step_runner, name),
+        lambda self, value: setattr(self.step_runner, name, value),
+    )
 
 
 class MRCNNTrainer(DefaultTrainer):
-    """DefaultTrainer that evaluates with COCOEvaluator and is fast on the CPU.
+    """DefaultTrainer that evaluates with COCOEvaluator and trains on CPUs too: there the
+    model is kept channels-last, several processes train it with DistributedDataParallel over
+    gloo, and SOLVER.AMP.ENABLED means bfloat16 autocast where the CPU has bfloat16 units.
 
-    detectron2's AMPTrainer needs CUDA; with MODEL.DEVICE "cpu" and SOLVER.AMP.ENABLED the
-    training step runs under bfloat16 autocast instead (see ``cpu_autocast.py``). On CPU the
-    model is kept in channels-last memory format.
+    DefaultTrainer.__init__ wraps the model with ``create_ddp_model``, which passes
+    ``device_ids=[local_rank]``: DistributedDataParallel refuses that for a CPU model. So
+    ``__init__`` does the same wiring with DefaultTrainer's public builders, and the object
+    that runs one step is ``step_runner`` (see ``build_step_runner``).
     """
 
+    model = _step_runner_attribute("model")
+    data_loader = _step_runner_attribute("data_loader")
+    optimizer = _step_runner_attribute("optimizer")
+
     def __init__(self, cfg):
-        with ddp_on_cpu():  # v0.6 would give DDP a device id, which a CPU model refuses
-            super().__init__(cfg)
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()  # as DefaultTrainer: its progress would go unseen otherwise
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        # Built in DefaultTrainer's order (the optimizer before the data loader).
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+        model = create_ddp_model(
+            model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {})
+        )
+        self.step_runner = self.build_step_runner(cfg, model, data_loader, optimizer)
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_step_runner(cls, cfg, model, data_loader, optimizer) -> TrainerBase:
+        """The trainer whose ``run_step`` does one iteration: AMPTrainer for AMP on CUDA,
+        CPUAutocastTrainer for AMP on a CPU with bfloat16 units, else SimpleTrainer."""
         if cfg.SOLVER.AMP.ENABLED and cfg.MODEL.DEVICE == "cpu":
-            inner = self._trainer
-            self._trainer = CPUAutocastTrainer(inner.model, inner.data_loader, inner.optimizer)
+            if cpu_has_bf16():
+                return CPUAutocastTrainer(model, data_loader, optimizer)
+            logger.info("SOLVER.AMP: this CPU has no bfloat16 units; training in float32")
+        elif cfg.SOLVER.AMP.ENABLED:
+            return AMPTrainer(model, data_loader, optimizer)
+        return SimpleTrainer(model, data_loader, optimizer)
+
+    def run_step(self):
+        self.step_runner.iter = self.iter
+        self.step_runner.run_step()
+
+    def state_dict(self):
+        return {**TrainerBase.state_dict(self), "step_runner": self.step_runner.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        TrainerBase.load_state_dict(self, state_dict)
+        if "step_runner" in state_dict:  # absent from checkpoints of other trainers
+            self.step_runner.load_state_dict(state_dict["step_runner"])
 
     @classmethod
     def build_model(cls, cfg):

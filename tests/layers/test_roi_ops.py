@@ -5,6 +5,11 @@ import itertools
 import pytest
 import torch
 import torchvision
+from roi_reference import (
+    reference_roi_align,
+    reference_roi_pool,
+    reference_roi_warp,
+)
 
 from mrcnn_plugin.layers import (
     ROI_OP_REGISTRY,
@@ -15,11 +20,6 @@ from mrcnn_plugin.layers import (
     roi_align,
     roi_pool,
     roi_warp,
-)
-from mrcnn_plugin.layers.roi_reference import (
-    reference_roi_align,
-    reference_roi_pool,
-    reference_roi_warp,
 )
 
 # The 6x6 stride-32 feature map of the paper's RoIAlign illustration (row by row).

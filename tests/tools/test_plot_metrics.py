@@ -10,13 +10,8 @@ import matplotlib.image
 import pytest
 from tool_helpers import ROOT
 
-from mrcnn_plugin.cli.plot_metrics import (
-    _smooth,
-    extract_series,
-    load_metrics,
-    main,
-    make_figure,
-)
+from mrcnn_plugin.cli.plot_metrics import main
+from mrcnn_plugin.plotting import extract_series, load_metrics, make_figure, moving_average
 
 LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
 
@@ -58,7 +53,7 @@ def test_series(metrics_file):
     assert series["bbox/AP"] == ([59, 99], [10.0, 20.0])
     assert series["segm/AP"] == ([59, 99], [8.0, 15.5])
     assert series["keypoints/AP"] == ([99], [3.0])
-    assert _smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
 
 
 def test_figure_lines(metrics_file):

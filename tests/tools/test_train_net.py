@@ -5,17 +5,26 @@ import argparse
 import json
 import math
 import os
+import signal
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
 from tool_helpers import SHAPES_CONFIG, TINY_DATA_FLAGS, TINY_OPTS, run_tool
 
 from mrcnn_plugin.checkpoint import CheckpointMismatchError
 from mrcnn_plugin.cli.train_net import argument_parser, evaluate
 from mrcnn_plugin.config import build_cfg
+from mrcnn_plugin.data.catalog import cfg_dataset_names, register_synthetic_datasets
+from mrcnn_plugin.engine import trainer as trainer_module
+from mrcnn_plugin.engine.cpu_autocast import CPUAutocastTrainer, cpu_has_bf16
 from mrcnn_plugin.engine.launch import launch
+from mrcnn_plugin.engine.trainer import MRCNNTrainer
 
 MAX_ITER = 2  # SOLVER.MAX_ITER in TINY_OPTS
+TINY_SIZES = {"num_train": 4, "num_val": 2, "image_size": 64}  # as TINY_DATA_FLAGS
 LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
 
 
@@ -90,6 +99,16 @@ def test_train_then_eval_only(tmp_path, data_root):
         # The same weights on the same images: the evaluation at the end of training agrees.
         assert ap == pytest.approx(final_eval[f"{task}/AP"], abs=1e-6)
 
+    # Resuming restores the iteration and the optimizer's momentum, kept by MRCNNTrainer's
+    # step runner (detectron2 v0.6's DefaultTrainer would not save the optimizer at all).
+    cfg = build_cfg(SHAPES_CONFIG, TINY_OPTS + ["OUTPUT_DIR", str(train_dir)])
+    register_synthetic_datasets(cfg, cfg_dataset_names(cfg), data_root, **TINY_SIZES)
+    trainer = MRCNNTrainer(cfg)
+    assert not trainer.optimizer.state_dict()["state"]
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == MAX_ITER
+    assert trainer.optimizer.state_dict()["state"]
+
     # Evaluation refuses a checkpoint that does not fit the config instead of running with
     # random weights where it does not fit.
     opts = TINY_OPTS + ["MODEL.FPN.OUT_CHANNELS", "64", "MODEL.WEIGHTS", weights]
@@ -113,14 +132,17 @@ def test_parser_accepts_detectron2_flags_and_cpu_alias():
     assert argument_parser().parse_args([]).num_gpus == 1
 
 
+# detectron2 main creates the per-machine group publicly; v0.6 has no public way to, and then
+# comm.get_local_rank() is unavailable (nothing on the CPU path asks for it).
+HAS_LOCAL_GROUP = hasattr(comm, "create_local_process_group")
+
+
 def _probe(folder):
     """Runs in each launched process: records what detectron2's comm reports."""
-    from detectron2.utils import comm
-
     info = {
         "rank": comm.get_rank(),
         "world_size": comm.get_world_size(),
-        "local_rank": comm.get_local_rank(),
+        "local_rank": comm.get_local_rank() if HAS_LOCAL_GROUP else comm.get_rank(),
         "local_size": comm.get_local_size(),
         "gathered": comm.all_gather(comm.get_rank() * 10),
         "threads": torch.get_num_threads(),
@@ -138,6 +160,78 @@ def test_cpu_launch_sets_up_detectron2_comm(tmp_path):
         assert info["gathered"] == [0, 10]
         if "OMP_NUM_THREADS" not in os.environ:  # the cores are shared between the processes
             assert info["threads"] == max(1, (os.cpu_count() or 1) // 2)
+
+
+def _killed_rank(folder):
+    """Rank 1 dies at once (SIGKILL, no clean-up); rank 0 waits for it in a barrier."""
+    if comm.get_rank() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    comm.synchronize()
+    open(os.path.join(folder, "rank0_passed_barrier"), "w").close()
+
+
+def test_cpu_launch_fails_when_a_rank_is_killed(tmp_path):
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL"):
+        launch(_killed_rank, 2, dist_url="auto", args=(str(tmp_path),), device="cpu")
+    assert not (tmp_path / "rank0_passed_barrier").exists()
+
+
+def test_cpu_has_bf16_reads_the_cpu_flags(tmp_path):
+    cases = {
+        "flags\t\t: fpu sse2 avx2 fma\n": False,  # AVX2 only: bf16 would be emulated
+        "flags\t\t: avx2 avx512f avx512_bf16\n": True,
+        "flags\t\t: avx2 amx_bf16 amx_tile\n": True,
+        "Features\t: fp asimd bf16 i8mm\n": True,  # Arm
+    }
+    for text, expected in cases.items():
+        (tmp_path / "cpuinfo").write_text("processor\t: 0\n" + text)
+        assert cpu_has_bf16(str(tmp_path / "cpuinfo")) is expected, text
+    assert cpu_has_bf16(str(tmp_path / "absent")) is False
+
+
+class _TinyLossModel(torch.nn.Module):
+    """Returns detectron2-style losses and records the dtype its layer computed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+        self.dtypes = []
+
+    def forward(self, batch):
+        out = self.linear(batch)
+        self.dtypes.append(out.dtype)
+        return {"loss_a": out.square().mean(), "loss_b": out.abs().mean()}
+
+
+def test_cpu_autocast_trainer_steps_in_bfloat16():
+    torch.manual_seed(0)
+    model = _TinyLossModel()
+    before = model.linear.weight.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    runner = CPUAutocastTrainer(model, [torch.randn(3, 4) for _ in range(3)], optimizer)
+    runner.train(0, 3)
+    assert model.dtypes == [torch.bfloat16] * 3
+    assert not torch.equal(model.linear.weight, before)  # the optimizer stepped
+    assert model.linear.weight.dtype == torch.float32  # autocast leaves the weights alone
+    history = runner.storage.history("total_loss").values()
+    assert len(history) == 3 and all(math.isfinite(v) for v, _ in history)
+    assert {"loss_a", "loss_b", "data_time"} <= set(runner.storage.histories())
+    state = runner.state_dict()
+    assert state["iteration"] == 3 and state["optimizer"]["state"]  # momentum buffers saved
+
+
+@pytest.mark.parametrize("amp, bf16, expected", [
+    (False, True, SimpleTrainer),
+    (True, False, SimpleTrainer),  # no bfloat16 units: float32
+    (True, True, CPUAutocastTrainer),
+])  # fmt: skip
+def test_step_runner_on_the_cpu(monkeypatch, amp, bf16, expected):
+    monkeypatch.setattr(trainer_module, "cpu_has_bf16", lambda: bf16)
+    cfg = build_cfg(SHAPES_CONFIG, TINY_OPTS + ["SOLVER.AMP.ENABLED", str(amp)])
+    model = _TinyLossModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    runner = MRCNNTrainer.build_step_runner(cfg, model, [], optimizer)
+    assert type(runner) is expected
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
