@@ -28,7 +28,7 @@ class BuildPyWithPth(build_py):
 setup(
     name="mrcnn-plugin-csrc",
     version="0.1.0",
-    description="Pure PyTorch implementation of detectron2 v0.6's compiled ops (detectron2._C)",
+    description="Pure PyTorch stand-in for detectron2's compiled ops (detectron2._C; v0.6, main)",
     packages=["mrcnn_plugin_csrc"],
     python_requires=">=3.8",
     install_requires=[

@@ -1,1 +1,1 @@
-"""Pure PyTorch stand-in for detectron2 v0.6's compiled module ``detectron2._C``."""
+"""Pure PyTorch stand-in for detectron2's compiled module ``detectron2._C`` (v0.6 and main)."""

@@ -2,17 +2,22 @@
 
 It answers for that one module name only. detectron2's compiled module, when it exists and
 loads, is always used: the stand-in is returned only if it is missing or raises on load (for
-example an ``undefined symbol`` after a torch upgrade). Set MRCNN_PLUGIN_CSRC_FALLBACK=0 to
-switch the finder off.
+example an ``undefined symbol`` after a torch upgrade).
+
+Environment variable MRCNN_PLUGIN_CSRC_FALLBACK: ``0`` leaves the finder out (read by the .pth
+file at start-up); ``force`` makes it hand out the stand-in even where a working compiled
+module exists (to test the stand-in against a real build).
 """
 
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
+import os
 import sys
 
 TARGET = "detectron2._C"
+ENV = "MRCNN_PLUGIN_CSRC_FALLBACK"
 logger = logging.getLogger(__name__)
 
 
@@ -33,7 +38,8 @@ class CompiledOpsFallbackFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname != TARGET:
             return None
-        real_spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        forced = os.environ.get(ENV, "").strip().lower() == "force"
+        real_spec = None if forced else importlib.machinery.PathFinder.find_spec(fullname, path)
         if real_spec is not None:
             try:
                 module = importlib.util.module_from_spec(real_spec)

@@ -64,8 +64,13 @@ def _grid_sizes(rois, spatial_scale, pooled_height, pooled_width, sampling_ratio
     )
 
 
+def _kernel_scale(spatial_scale):
+    """The C++ interface hands spatial_scale on as a C float: round it the same way."""
+    return float(torch.tensor(spatial_scale, dtype=torch.float32))
+
+
 def _sample_plan(rois, spatial_scale, pooled_height, pooled_width, grid_h, grid_w, height, width):
-    """Taps of every sample of rois sharing one grid size.
+    """Taps of every sample of rois sharing one grid size, in the kernel's arithmetic order.
 
     Args:
         rois: (R, 6) rows (batch_index, cx, cy, w, h, angle_degrees) in image coordinates.
@@ -77,21 +82,20 @@ def _sample_plan(rois, spatial_scale, pooled_height, pooled_width, grid_h, grid_
     center_y = rois[:, 2] * spatial_scale - 0.5
     roi_w = rois[:, 3] * spatial_scale
     roi_h = rois[:, 4] * spatial_scale
-    theta = rois[:, 5] * (math.pi / 180.0)
-    cos, sin = torch.cos(theta), torch.sin(theta)
+    # The kernel forms the angle in double, rounds it to the dtype, then takes cos/sin of it.
+    theta = (rois[:, 5].double() * math.pi / 180.0).to(dtype).double()
+    cos, sin = torch.cos(theta).to(dtype), torch.sin(theta).to(dtype)
     bin_h = roi_h / pooled_height
     bin_w = roi_w / pooled_width
-    # Offsets from the roi centre, in the roi frame: yy (R, PH, gh), xx (R, PW, gw).
-    ph = torch.arange(pooled_height, dtype=dtype, device=device)
-    pw = torch.arange(pooled_width, dtype=dtype, device=device)
-    iy = torch.arange(grid_h, dtype=dtype, device=device) + 0.5
-    ix = torch.arange(grid_w, dtype=dtype, device=device) + 0.5
-    yy = (-roi_h / 2)[:, None, None] + bin_h[:, None, None] * (
-        ph[None, :, None] + iy[None, None, :] / grid_h
-    )
-    xx = (-roi_w / 2)[:, None, None] + bin_w[:, None, None] * (
-        pw[None, :, None] + ix[None, None, :] / grid_w
-    )
+    # Offsets from the roi centre, in the roi frame: yy (R, PH, gh), xx (R, PW, gw), each
+    # start + p * bin + ((i + 0.5) * bin) / grid.
+    ph = torch.arange(pooled_height, dtype=dtype, device=device)[None, :, None]
+    pw = torch.arange(pooled_width, dtype=dtype, device=device)[None, :, None]
+    iy = (torch.arange(grid_h, dtype=dtype, device=device) + 0.5)[None, None, :]
+    ix = (torch.arange(grid_w, dtype=dtype, device=device) + 0.5)[None, None, :]
+    bh, bw = bin_h[:, None, None], bin_w[:, None, None]
+    yy = ((-roi_h / 2)[:, None, None] + ph * bh) + (iy * bh) / grid_h
+    xx = ((-roi_w / 2)[:, None, None] + pw * bw) + (ix * bw) / grid_w
     yy = yy[:, :, :, None, None]
     xx = xx[:, None, None, :, :]
     c = cos[:, None, None, None, None]
@@ -135,6 +139,7 @@ def roi_align_rotated_forward(
     """
     num, channels, height, width = input.shape
     rois = rois.to(input.dtype)
+    spatial_scale = _kernel_scale(spatial_scale)
     out = input.new_zeros((len(rois), pooled_height, pooled_width, channels))
     if out.numel() == 0:
         return out.permute(0, 3, 1, 2)
@@ -181,6 +186,7 @@ def roi_align_rotated_backward(
         (batch_size, channels, height, width) gradient, same dtype as grad.
     """
     rois = rois.to(grad.dtype)
+    spatial_scale = _kernel_scale(spatial_scale)
     flat = grad.new_zeros((batch_size * height * width, channels))
     if grad.numel() == 0:
         return flat.view(batch_size, height, width, channels).permute(0, 3, 1, 2).contiguous()

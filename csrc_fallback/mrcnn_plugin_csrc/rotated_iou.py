@@ -1,170 +1,109 @@
-"""IoU and NMS for rotated boxes, written with batched torch ops (any device).
+"""``box_iou_rotated`` and ``nms_rotated`` of detectron2's ``_C``, on any device.
 
-A rotated box is ``(x_center, y_center, width, height, angle_degrees)``. Its corners follow
-detectron2's convention: a point ``(u, v)`` in box-local coordinates goes to
-``(cx + u*cos + v*sin, cy - u*sin + v*cos)`` in image coordinates (y pointing down), i.e. the
-box is turned counter-clockwise on screen by a positive angle.
-
-The intersection of two boxes is the polygon left after clipping one box by the four edge
-half-planes of the other (Sutherland-Hodgman); both are convex, so that is exact. Pairs whose
-circumscribed circles do not touch are skipped, which keeps NMS on many boxes cheap.
+Each pair's IoU is computed by :func:`rotated_pair_iou.paired_iou`, which follows the compiled
+kernel step by step. Pairs that cannot touch are skipped (IoU 0, as the kernel finds for
+them): a pair is only computed when the circumscribed circles, widened by the kernel's
+tolerances, intersect. That keeps NMS over thousands of boxes cheap.
 """
 
 import numpy as np
 import torch
 
-# Pairs clipped together in one batch, and (N x M) grid cells screened together; both only
+from .rotated_pair_iou import MIN_AREA, paired_iou
+
+# Pairs computed together in one batch, and (N x M) grid cells screened together; both only
 # bound peak memory.
-_PAIRS_PER_BATCH = 1 << 16
+_PAIRS_PER_BATCH = 1 << 14
 _CELLS_PER_CHUNK = 1 << 22
-# detectron2 treats boxes with an area below this as empty (IoU 0).
-_MIN_AREA = 1e-14
 
 
-def _ccw_corners(boxes):
-    """(P, 5) float64 boxes -> (P, 4, 2) corners in counter-clockwise (math) order."""
-    theta = torch.deg2rad(boxes[:, 4])
-    cos, sin = torch.cos(theta), torch.sin(theta)
-    half_w, half_h = boxes[:, 2] / 2, boxes[:, 3] / 2
-    # Local corners listed counter-clockwise; the rotation below has determinant +1, so the
-    # order stays counter-clockwise.
-    u = torch.stack([half_w, -half_w, -half_w, half_w], dim=1)
-    v = torch.stack([half_h, half_h, -half_h, -half_h], dim=1)
-    x = boxes[:, None, 0] + u * cos[:, None] + v * sin[:, None]
-    y = boxes[:, None, 1] - u * sin[:, None] + v * cos[:, None]
-    return torch.stack([x, y], dim=2)
+def _reach(boxes):
+    """Distance from a box's centre beyond which the kernel finds nothing of it: (N,) float64.
 
-
-def _cross(ax, ay, bx, by):
-    return ax * by - ay * bx
-
-
-def _gather_next(points, count):
-    """Next vertex of each slot of a front-packed polygon: (P, K, 2), count (P,) -> (P, K, 2)."""
-    k = points.shape[1]
-    idx = torch.arange(k, device=points.device) + 1
-    idx = torch.where(idx[None, :] < count[:, None], idx[None, :], torch.zeros_like(idx)[None])
-    return torch.gather(points, 1, idx[:, :, None].expand(-1, -1, 2))
-
-
-def _clip_by_edge(points, count, edge_a, edge_b):
-    """Keeps the part of each polygon on the left of the directed line edge_a -> edge_b.
-
-    Args:
-        points: (P, K, 2) vertices, the first ``count`` of each row valid, in order.
-        count: (P,) number of valid vertices.
-        edge_a, edge_b: (P, 2) line points.
-    Returns:
-        (points, count) of the clipped polygons, again packed to the front.
+    The circumscribed radius, plus the slack the kernel's 1e-5 tolerances allow: relative to
+    the edge lengths for edge crossings, 1e-5 / side for its corner-in-box projections.
     """
-    k = points.shape[1]
-    valid = torch.arange(k, device=points.device)[None, :] < count[:, None]
-    nxt = _gather_next(points, count)
-    ex, ey = (edge_b - edge_a).unbind(-1)
-    side = _cross(ex[:, None], ey[:, None], *(points - edge_a[:, None]).unbind(-1))
-    side_next = _cross(ex[:, None], ey[:, None], *(nxt - edge_a[:, None]).unbind(-1))
-    inside, inside_next = side >= 0, side_next >= 0
-    crossing = valid & (inside != inside_next)
-    # side and side_next have opposite signs where crossing, so the denominator is non-zero.
-    denom = torch.where(crossing, side - side_next, torch.ones_like(side))
-    t = (side / denom)[..., None]
-    cut = points + t * (nxt - points)
-    # Each input vertex emits itself (if inside) and then the crossing point (if any).
-    candidates = torch.stack([points, cut], dim=2).reshape(points.shape[0], 2 * k, 2)
-    keep = torch.stack([valid & inside, crossing], dim=2).reshape(points.shape[0], 2 * k)
-    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
-    new_count = keep.sum(dim=1)
-    width = max(int(new_count.max()), 1) if new_count.numel() else 1
-    order = order[:, :width]
-    packed = torch.gather(candidates, 1, order[:, :, None].expand(-1, -1, 2))
-    return packed, new_count
+    b = boxes.double()
+    side = torch.minimum(b[:, 2], b[:, 3]).abs().clamp(min=1e-30)
+    radius = torch.hypot(b[:, 2], b[:, 3]) / 2
+    reach = radius * (1 + 1e-4) + 4e-5 / side + 1e-6
+    # Boxes of (almost) no area have IoU 0 with everything: never computed.
+    empty = (boxes[:, 2] * boxes[:, 3]).double() < MIN_AREA
+    return torch.where(empty, torch.full_like(reach, -float("inf")), reach)
 
 
-def _polygon_area(points, count):
-    """Shoelace area of front-packed polygons: (P, K, 2), (P,) -> (P,)."""
-    k = points.shape[1]
-    valid = torch.arange(k, device=points.device)[None, :] < count[:, None]
-    nxt = _gather_next(points, count)
-    twice = _cross(*points.unbind(-1), *nxt.unbind(-1))
-    return (twice * valid).sum(dim=1).abs() / 2
+def _pairs(boxes1, boxes2, upper_only=False, screen=True):
+    """Yields (i, j, iou) for the pairs that may overlap, in batches.
 
-
-def _paired_iou(boxes1, boxes2):
-    """IoU of matching rows: (P, 5), (P, 5) float64 -> (P,) float64."""
-    # Work relative to the pair's midpoint: far-from-origin boxes lose no precision.
-    shift = (boxes1[:, :2] + boxes2[:, :2]) / 2
-    b1 = torch.cat([boxes1[:, :2] - shift, boxes1[:, 2:]], dim=1)
-    b2 = torch.cat([boxes2[:, :2] - shift, boxes2[:, 2:]], dim=1)
-    poly = _ccw_corners(b1)
-    count = torch.full((poly.shape[0],), 4, dtype=torch.long, device=poly.device)
-    clipper = _ccw_corners(b2)
-    for e in range(4):
-        poly, count = _clip_by_edge(poly, count, clipper[:, e], clipper[:, (e + 1) % 4])
-    inter = _polygon_area(poly, count)
-    area1 = b1[:, 2] * b1[:, 3]
-    area2 = b2[:, 2] * b2[:, 3]
-    union = area1 + area2 - inter
-    empty = (area1 < _MIN_AREA) | (area2 < _MIN_AREA)
-    return torch.where(empty, torch.zeros_like(inter), inter / torch.where(empty, 1.0, union))
-
-
-def _overlapping_pairs(boxes1, boxes2, upper_only=False):
-    """Yields (i, j, iou) for pairs whose circumscribed circles intersect, in row chunks.
-
-    ``upper_only`` restricts to j > i (for NMS over one set). Pairs left out have IoU 0.
+    ``upper_only`` restricts to j > i (NMS over one set). Pairs left out have IoU 0.
     """
-    b1 = boxes1.to(torch.float64)
-    b2 = boxes2.to(torch.float64)
-    radius1 = torch.hypot(b1[:, 2], b1[:, 3]) / 2
-    radius2 = torch.hypot(b2[:, 2], b2[:, 3]) / 2
-    rows = max(1, _CELLS_PER_CHUNK // max(len(b2), 1))
-    for start in range(0, len(b1), rows):
-        stop = min(start + rows, len(b1))
-        dist = torch.cdist(b1[start:stop, :2], b2[:, :2])
-        near = dist <= radius1[start:stop, None] + radius2[None, :]
+    reach1, reach2 = _reach(boxes1), _reach(boxes2)
+    xy1, xy2 = boxes1[:, :2].double(), boxes2[:, :2].double()
+    rows = max(1, _CELLS_PER_CHUNK // max(len(boxes2), 1))
+    for start in range(0, len(boxes1), rows):
+        stop = min(start + rows, len(boxes1))
+        if screen:
+            near = torch.cdist(xy1[start:stop], xy2) <= reach1[start:stop, None] + reach2
+        else:
+            near = torch.ones((stop - start, len(boxes2)), dtype=torch.bool, device=xy1.device)
         if upper_only:
-            cols = torch.arange(len(b2), device=b2.device)
-            near &= cols[None, :] > torch.arange(start, stop, device=b2.device)[:, None]
+            cols = torch.arange(len(boxes2), device=xy1.device)
+            near &= cols[None, :] > torch.arange(start, stop, device=xy1.device)[:, None]
         ii, jj = near.nonzero(as_tuple=True)
         ii = ii + start
         for p in range(0, len(ii), _PAIRS_PER_BATCH):
             i, j = ii[p : p + _PAIRS_PER_BATCH], jj[p : p + _PAIRS_PER_BATCH]
-            yield i, j, _paired_iou(b1[i], b2[j])
+            yield i, j, paired_iou(boxes1[i], boxes2[j])
+
+
+def _kernel_dtype(tensor):
+    """The kernels dispatch on float32 and float64; lower precisions are computed in float32."""
+    return tensor.dtype if tensor.dtype == torch.float64 else torch.float32
 
 
 def box_iou_rotated(boxes1, boxes2):
-    """Pairwise IoU of rotated boxes.
+    """Pairwise IoU of rotated boxes, computed and returned in float32 as the compiled op does.
 
     Args:
         boxes1: (N, 5) and boxes2: (M, 5) tensors (cx, cy, w, h, angle in degrees).
     Returns:
-        (N, M) IoU, float32 (float64 for float64 inputs), on the boxes' device.
+        (N, M) float32 IoU on the boxes' device. The compiled op accepts float32 only; other
+        floating dtypes are rounded to float32 first.
     """
-    assert boxes1.device == boxes2.device, "boxes must be on the same device"
-    out_dtype = torch.promote_types(boxes1.dtype, torch.float32)
-    ious = torch.zeros((len(boxes1), len(boxes2)), dtype=torch.float64, device=boxes1.device)
-    for i, j, iou in _overlapping_pairs(boxes1, boxes2):
+    if boxes1.device != boxes2.device:
+        raise RuntimeError("box_iou_rotated: boxes1 and boxes2 must be on the same device")
+    boxes1 = boxes1.detach().to(torch.float32).contiguous()
+    boxes2 = boxes2.detach().to(torch.float32).contiguous()
+    ious = torch.zeros((len(boxes1), len(boxes2)), dtype=torch.float32, device=boxes1.device)
+    for i, j, iou in _pairs(boxes1, boxes2):
         ious[i, j] = iou
-    return ious.to(out_dtype)
+    return ious
 
 
 def nms_rotated(dets, scores, iou_threshold):
     """Greedy NMS for rotated boxes, as detectron2's CPU kernel does it.
 
-    A box is dropped if its IoU with an already kept, higher-scored box is >= iou_threshold.
+    Boxes are visited by decreasing score in the order ``scores.sort(descending=True)`` gives
+    (the kernel's call, so ties break the same way). A box is dropped if its IoU, computed in
+    the boxes' dtype, with an already kept box is >= iou_threshold.
 
     Args:
         dets: (N, 5) rotated boxes; scores: (N,); iou_threshold: float.
     Returns:
         int64 (K,) indices of the kept boxes, by decreasing score, on dets' device.
     """
+    if dets.dtype != scores.dtype:
+        raise RuntimeError("nms_rotated: dets should have the same type as scores")
     if dets.numel() == 0:
         return torch.empty((0,), dtype=torch.long, device=dets.device)
-    order = torch.sort(scores, descending=True, stable=True).indices
+    dets = dets.detach().to(_kernel_dtype(dets)).contiguous()
+    order = scores.detach().contiguous().sort(0, descending=True).indices
     ranked = dets[order]
     firsts, seconds = [], []
-    for i, j, iou in _overlapping_pairs(ranked, ranked, upper_only=True):
-        hit = iou >= iou_threshold
+    # With a threshold <= 0 even disjoint boxes (IoU 0) suppress each other: no screening.
+    pairs = _pairs(ranked, ranked, upper_only=True, screen=iou_threshold > 0)
+    for i, j, iou in pairs:
+        hit = iou.double() >= iou_threshold
         firsts.append(i[hit])
         seconds.append(j[hit])
     return order[_greedy_keep(len(ranked), firsts, seconds).to(order.device)]

@@ -1,4 +1,4 @@
-"""COCOeval fast path of the detectron2._C stand-in against pycocotools' own COCOeval.
+"""COCOeval fast path of detectron2._C (the stand-in, or a compiled build) against pycocotools.
 
 A synthetic dataset (5 images, 3 categories, small/medium/large objects, crowd regions, an
 image with more than 100 detections, categories with detections but no ground truth, equal
@@ -13,13 +13,20 @@ import pickle
 
 import numpy as np
 import pytest
-from detectron2 import _C
 from detectron2.evaluation.fast_eval_api import COCOeval_opt
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 IMAGE_SIZE = 160
+
+try:  # the stand-in's functions (readable records), also where a compiled _C is loaded
+    from mrcnn_plugin_csrc import coco_eval_fast as RECORDS
+except ImportError:
+    RECORDS = None
+needs_records = pytest.mark.skipif(
+    RECORDS is None, reason="compiled _C records expose no fields; no mrcnn_plugin_csrc"
+)
 
 
 def _rle(box):
@@ -120,13 +127,34 @@ def test_fast_path_equals_pycocotools(coco_pair, iou_type, use_cats):
         np.testing.assert_allclose(fast.eval[key], ref.eval[key], atol=1e-9, rtol=0)
 
 
+def _instances(coco, image_id, cat_id, is_det):
+    """_C.InstanceAnnotation list as detectron2's COCOeval_opt builds it (crowd => ignored)."""
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], catIds=[cat_id]))
+    return [
+        RECORDS.InstanceAnnotation(
+            int(a["id"]), a.get("score", 0.0), a["area"], bool(a.get("iscrowd", 0)),
+            bool(a.get("ignore", 0) or (not is_det and a.get("iscrowd", 0))),
+        )
+        for a in anns
+    ]  # fmt: skip
+
+
+@needs_records
 def test_evaluate_images_record_matches_pycocotools(coco_pair):
     gt, dt = coco_pair
     ref = _run(COCOeval, gt, dt, "bbox")
-    fast = _run(COCOeval_opt, gt, dt, "bbox")
-    assert len(fast._evalImgs_cpp) == len(ref.evalImgs)
+    p = ref.params
+    records = RECORDS.COCOevalEvaluateImages(
+        p.areaRng,
+        p.maxDets[-1],
+        p.iouThrs,
+        [[ref.ious[i, c] for c in p.catIds] for i in p.imgIds],
+        [[_instances(gt, i, c, False) for c in p.catIds] for i in p.imgIds],
+        [[_instances(dt, i, c, True) for c in p.catIds] for i in p.imgIds],
+    )
+    assert len(records) == len(ref.evalImgs)
     compared = matched_ignored = 0
-    for mine, theirs in zip(fast._evalImgs_cpp, ref.evalImgs):
+    for mine, theirs in zip(records, ref.evalImgs):
         if theirs is None:
             assert mine.detection_scores.size == 0 and mine.ground_truth_ignores.size == 0
             continue
@@ -137,12 +165,13 @@ def test_evaluate_images_record_matches_pycocotools(coco_pair):
         np.testing.assert_array_equal(mine.detection_ignores, theirs["dtIgnore"])
         np.testing.assert_array_equal(mine.ground_truth_ignores, theirs["gtIgnore"].astype(bool))
     assert compared > 20 and matched_ignored > 10, "crowd / out-of-range matches expected"
-    restored = pickle.loads(pickle.dumps(fast._evalImgs_cpp[0]))
-    np.testing.assert_array_equal(restored.detection_scores, fast._evalImgs_cpp[0].detection_scores)
+    restored = pickle.loads(pickle.dumps(records[0]))
+    np.testing.assert_array_equal(restored.detection_scores, records[0].detection_scores)
 
 
+@needs_records
 def test_instance_annotation_fields():
-    inst = _C.InstanceAnnotation(7, 0.25, 30.0, True, False)
+    inst = RECORDS.InstanceAnnotation(7, 0.25, 30.0, True, False)
     assert (inst.id, inst.score, inst.area, inst.is_crowd, inst.ignore) == (
         7,
         0.25,

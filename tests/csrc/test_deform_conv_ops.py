@@ -2,7 +2,9 @@
 
 On CPU, detectron2's DeformConv/ModulatedDeformConv autograd Functions refuse to call ``_C``
 (they raise or use torchvision directly), so the CPU tests call the ``_C`` functions with
-exactly the argument lists those Functions use; the layer-level tests need a GPU.
+exactly the argument lists those Functions use; the layer-level tests need a GPU. A compiled
+detectron2._C has no CPU kernels for these (it raises RuntimeError); with one loaded, the CPU
+tests call the stand-in's functions (``mrcnn_plugin_csrc.deform_conv_ops``) directly.
 References: ``nn.functional.conv2d`` (zero offsets, integer shifts) and gradcheck.
 """
 
@@ -11,6 +13,37 @@ import torch
 import torch.nn.functional as F
 from detectron2 import _C
 from detectron2.layers import DeformConv, ModulatedDeformConv
+
+
+def _has_cpu_kernels():
+    x = torch.zeros(1, 1, 3, 3)
+    try:
+        _C.deform_conv_forward(
+            x, torch.zeros(1, 1, 1, 1), torch.zeros(1, 2, 3, 3), x.new_empty(0), x.new_empty(0),
+            x.new_empty(0), 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1,
+        )  # fmt: skip
+    except RuntimeError as e:
+        if "not implemented on cpu" in str(e).lower():
+            return False
+        raise
+    return True
+
+
+def _cpu_kernels():
+    """detectron2._C where it runs on CPU (the stand-in), else the stand-in's module itself."""
+    if _has_cpu_kernels():
+        return _C
+    try:
+        from mrcnn_plugin_csrc import deform_conv_ops
+    except ImportError:
+        return None
+    return deform_conv_ops
+
+
+KERNELS = _cpu_kernels()
+needs_cpu_kernels = pytest.mark.skipif(
+    KERNELS is None, reason="no CPU deformable-conv kernels: compiled _C, no mrcnn_plugin_csrc"
+)
 
 
 def _out_size(size, k, stride, pad, dil):
@@ -26,7 +59,7 @@ def deform_forward(x, offset, weight, stride, padding, dilation, groups, dg):
         _out_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1]),
     )
     buf = [x.new_empty(0), x.new_empty(0)]
-    _C.deform_conv_forward(
+    KERNELS.deform_conv_forward(
         x, weight, offset, out, buf[0], buf[1], weight.size(3), weight.size(2),
         stride[1], stride[0], padding[1], padding[0], dilation[1], dilation[0], groups, dg, 64,
     )  # fmt: skip
@@ -49,10 +82,10 @@ class _DeformFn(torch.autograd.Function):
         grad_x, grad_off, grad_w = (torch.zeros_like(t) for t in (x, offset, weight))
         kw, kh = weight.size(3), weight.size(2)
         common = (kw, kh, sw, sh, pw, ph, dw, dh, groups, 1)
-        _C.deform_conv_backward_input(
+        KERNELS.deform_conv_backward_input(
             x, offset, grad_out, grad_x, grad_off, weight, x.new_empty(0), *common, 64
         )
-        _C.deform_conv_backward_filter(
+        KERNELS.deform_conv_backward_filter(
             x, offset, grad_out, grad_w, x.new_empty(0), x.new_empty(0), *common, 1, 64
         )
         return grad_x, grad_off, grad_w, None, None, None, None
@@ -72,7 +105,7 @@ class _ModulatedFn(torch.autograd.Function):
             _out_size(x.shape[2], kh, stride, padding, dilation),
             _out_size(x.shape[3], kw, stride, padding, dilation),
         )
-        _C.modulated_deform_conv_forward(
+        KERNELS.modulated_deform_conv_forward(
             x, weight, bias, x.new_empty(0), offset, mask, out, x.new_empty(0), kh, kw,
             stride, stride, padding, padding, dilation, dilation, 1, 1, True,
         )  # fmt: skip
@@ -83,7 +116,7 @@ class _ModulatedFn(torch.autograd.Function):
         x, offset, mask, weight, bias = ctx.saved_tensors
         stride, padding, dilation = ctx.conv
         grads = [torch.zeros_like(t) for t in (x, weight, bias, offset, mask)]
-        _C.modulated_deform_conv_backward(
+        KERNELS.modulated_deform_conv_backward(
             x, weight, bias, x.new_empty(0), offset, mask, x.new_empty(0), *grads, grad_out,
             weight.shape[2], weight.shape[3], stride, stride, padding, padding,
             dilation, dilation, 1, 1, True,
@@ -99,6 +132,7 @@ def _data(gen, dtype=torch.float32, kh=3, kw=2, groups=2, out_hw=(4, 5), size=(7
     return x, weight, offset
 
 
+@needs_cpu_kernels
 def test_zero_offset_equals_conv2d():
     gen = torch.Generator().manual_seed(0)
     x, weight, _ = _data(gen)
@@ -112,6 +146,7 @@ def test_zero_offset_equals_conv2d():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@needs_cpu_kernels
 def test_offset_layout_is_dy_dx():
     # Offsets (dy=1, dx=0) on every tap read the input one row lower: conv2d of the shifted map.
     gen = torch.Generator().manual_seed(1)
@@ -125,6 +160,7 @@ def test_offset_layout_is_dy_dx():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@needs_cpu_kernels
 def test_deform_conv_backward_matches_conv2d_at_zero_offset():
     gen = torch.Generator().manual_seed(2)
     x, weight, _ = _data(gen)
@@ -140,6 +176,7 @@ def test_deform_conv_backward_matches_conv2d_at_zero_offset():
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+@needs_cpu_kernels
 def test_deform_conv_gradcheck_random_offsets():
     gen = torch.Generator().manual_seed(3)
     x, weight, offset = _data(gen, torch.float64, groups=1, size=(5, 5), out_hw=(3, 4))
@@ -150,6 +187,7 @@ def test_deform_conv_gradcheck_random_offsets():
     assert torch.autograd.gradcheck(fn, args, atol=1e-5, fast_mode=True)
 
 
+@needs_cpu_kernels
 def test_modulated_matches_conv2d_and_gradcheck():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(1, 3, 4, 5, generator=gen, dtype=torch.float64)
@@ -166,6 +204,40 @@ def test_modulated_matches_conv2d_and_gradcheck():
     args = [t.clone().requires_grad_() for t in (x, offset, mask, weight, bias)]
     fn = lambda *a: _ModulatedFn.apply(*a, 1, 1, 1)  # noqa: E731
     assert torch.autograd.gradcheck(fn, args, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    "case", ["offset_channels", "offset_size", "kernel", "stride", "too_small", "mask_channels"]
+)
+def test_bad_arguments_raise_runtime_error(case):
+    # As the compiled kernels' TORCH_CHECKs (and their CPU "not implemented" error) do.
+    x, weight = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    offset, mask = torch.zeros(1, 18, 3, 3), torch.ones(1, 9, 3, 3)
+    k, stride = 3, 1
+    if case == "offset_channels":
+        offset = torch.zeros(1, 16, 3, 3)
+    elif case == "offset_size":
+        offset = torch.zeros(1, 18, 4, 3)
+    elif case == "kernel":
+        k = 2
+    elif case == "stride":
+        stride = 0
+    elif case == "too_small":
+        x = torch.randn(1, 2, 2, 2)
+    elif case == "mask_channels":
+        mask = torch.ones(1, 8, 3, 3)
+    out, buf = x.new_empty(0), x.new_empty(0)
+    kernels = KERNELS if KERNELS is not None else _C
+    with pytest.raises(RuntimeError):
+        if case == "mask_channels":
+            kernels.modulated_deform_conv_forward(
+                x, weight, torch.zeros(3), buf, offset, mask, out, buf, k, k,
+                stride, stride, 0, 0, 1, 1, 1, 1, True,
+            )  # fmt: skip
+        else:
+            kernels.deform_conv_forward(
+                x, weight, offset, out, buf, buf, k, k, stride, stride, 0, 0, 1, 1, 1, 1, 64
+            )
 
 
 def test_cpu_layer_forward_zero_offset():

@@ -3,7 +3,9 @@
 References are written here independently of the implementation: IoU by the
 "corners inside + edge crossings, convex hull, shoelace" construction in plain Python floats,
 NMS by a textbook greedy loop, ROIAlignRotated by torchvision's roi_align (angle 0) and by the
-closed form for linear feature maps (any angle).
+closed form for linear feature maps (any angle). Everything goes through what the installed
+detectron2 calls (its public layers, or the torch.ops / _C entry point it uses), so the same
+tests also run against a compiled build.
 """
 
 import math
@@ -14,6 +16,16 @@ from detectron2 import _C
 from detectron2.layers import ROIAlignRotated, batched_nms_rotated, nms_rotated
 from detectron2.layers.rotated_boxes import pairwise_iou_rotated
 from torchvision.ops import box_iou, roi_align
+
+STAND_IN = getattr(_C, "IS_PURE_PYTORCH_STANDIN", False)
+
+
+def _entry_point(name):
+    """torch.ops.detectron2.<name> (main, and the stand-in), else _C.<name> (compiled v0.6)."""
+    try:
+        return getattr(torch.ops.detectron2, name)
+    except (AttributeError, RuntimeError):
+        return getattr(_C, name)
 
 
 def _corners(box):
@@ -76,8 +88,38 @@ def _random_boxes(n, gen, spread=30.0, offset=0.0):
     return torch.cat([centers, sizes, angles], dim=1)
 
 
+@pytest.mark.skipif(not STAND_IN, reason="a compiled detectron2._C is loaded instead")
 def test_stand_in_is_in_use():
     assert getattr(_C, "IS_PURE_PYTORCH_STANDIN", False), "expected the pure-PyTorch _C"
+
+
+@pytest.mark.skipif(not STAND_IN, reason="a compiled detectron2._C is loaded instead")
+def test_stand_in_registers_the_torch_ops_main_calls():
+    gen = torch.Generator().manual_seed(9)
+    boxes = _random_boxes(6, gen).float()
+    ops = torch.ops.detectron2
+    assert torch.equal(ops.box_iou_rotated(boxes, boxes), _C.box_iou_rotated(boxes, boxes))
+    assert torch.equal(
+        ops.nms_rotated(boxes, boxes[:, 0], 0.5), _C.nms_rotated(boxes, boxes[:, 0], 0.5)
+    )
+    x = torch.randn(1, 2, 5, 6, generator=gen)
+    rois = torch.cat([torch.zeros(6, 1), boxes], dim=1)
+    out = ops.roi_align_rotated_forward(x, rois, 0.5, 3, 2, 0)
+    torch.testing.assert_close(out, _C.roi_align_rotated_forward(x, rois, 0.5, 3, 2, 0))
+    back = ops.roi_align_rotated_backward(out, rois, 0.5, 3, 2, 1, 2, 5, 6, 0)
+    torch.testing.assert_close(
+        back, _C.roi_align_rotated_backward(out, rois, 0.5, 3, 2, 1, 2, 5, 6, 0)
+    )
+
+
+def test_registration_is_guarded():
+    # Defining an operator twice raises in torch.library: a clean second call proves the guard.
+    torch_ops = pytest.importorskip("mrcnn_plugin_csrc.torch_ops")
+    existing = {n for n in torch_ops.OPERATORS if torch_ops.is_registered(n)}
+    assert "nms_rotated" in existing  # registered by whichever detectron2._C loaded
+    added = torch_ops.register_operators()  # only ops nobody registered (none on main)
+    assert existing.isdisjoint(added) and existing | set(added) == set(torch_ops.OPERATORS)
+    assert torch_ops.register_operators() == []
 
 
 @pytest.mark.parametrize("offset", [0.0, 5000.0])
@@ -102,7 +144,7 @@ def test_box_iou_rotated_axis_aligned_equals_torchvision():
     corners = torch.cat([xy, xy + wh], dim=1)
     rotated = torch.cat([xy + wh / 2, wh, torch.zeros(20, 1)], dim=1)
     torch.testing.assert_close(
-        _C.box_iou_rotated(rotated[:12], rotated[8:]),
+        pairwise_iou_rotated(rotated[:12], rotated[8:]),
         box_iou(corners[:12], corners[8:]),
         atol=1e-5,
         rtol=0,
@@ -119,7 +161,7 @@ def test_box_iou_rotated_hand_cases():
             [0.0, 0.0, 0.0, 3.0, 0.0],  # empty box
         ]
     )
-    iou = _C.box_iou_rotated(boxes, boxes)
+    iou = pairwise_iou_rotated(boxes, boxes)
     inter = 4 - 2 * (2 - math.sqrt(2)) ** 2  # square minus four corner triangles
     assert iou[0, 1].item() == pytest.approx(inter / (8 - inter), abs=1e-6)
     assert iou[2, 3].item() == pytest.approx(1.0, abs=1e-6)
@@ -128,7 +170,7 @@ def test_box_iou_rotated_hand_cases():
     # Direction: +45 degrees tilts the long axis towards (+x, -y) in image coordinates.
     long_box = torch.tensor([[0.0, 0.0, 10.0, 1.0, 45.0]])
     probes = torch.tensor([[3.0, -3.0, 1.0, 1.0, 0.0], [3.0, 3.0, 1.0, 1.0, 0.0]])
-    iou = _C.box_iou_rotated(long_box, probes)[0]
+    iou = pairwise_iou_rotated(long_box, probes)[0]
     assert iou[0] > 0.05 and iou[1] == 0
 
 
@@ -217,9 +259,12 @@ def test_roi_align_rotated_gradcheck(sampling_ratio):
     )
     pooler = ROIAlignRotated((2, 2), spatial_scale=1.0, sampling_ratio=sampling_ratio)
     assert torch.autograd.gradcheck(lambda x: pooler(x, rois), (features,))
-    # The explicit backward kernel agrees with autograd through the forward.
-    out = _C.roi_align_rotated_forward(features, rois, 1.0, 2, 2, sampling_ratio)
+    # The explicit backward is the adjoint of the (linear) forward: <g, F(x)> == <B(g), x>.
+    forward = _entry_point("roi_align_rotated_forward")
+    backward = _entry_point("roi_align_rotated_backward")
+    x = features.detach()
+    out = forward(x, rois, 1.0, 2, 2, sampling_ratio)
     grad = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    (want,) = torch.autograd.grad(out, features, grad)
-    got = _C.roi_align_rotated_backward(grad, rois, 1.0, 2, 2, 2, 2, 6, 7, sampling_ratio)
-    torch.testing.assert_close(got, want)
+    back = backward(grad, rois, 1.0, 2, 2, 2, 2, 6, 7, sampling_ratio)
+    assert back.shape == x.shape and back.abs().sum() > 0
+    assert (grad * out).sum().item() == pytest.approx((back * x).sum().item(), rel=1e-12)
