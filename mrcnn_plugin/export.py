@@ -20,8 +20,8 @@ Limits of the traced graph (tracing records one run of the Python code):
     * keypoint decoding loops over detections: detectron2 scripts ``heatmaps_to_keypoints``
       when tracing (``script_if_tracing``), so the loop is in the graph; ONNX export of that
       scripted loop is not verified here;
-    * ROI_OP.AGGREGATION "max" with POOLER_SAMPLING_RATIO <= 0 loops over data-dependent RoI
-      groups (roi_ops._roi_align_max): :func:`check_exportable` refuses it.
+    * a branch op with aggregation "max" and POOLER_SAMPLING_RATIO <= 0 loops over data-dependent
+      RoI groups (roi_ops._roi_align_max): :func:`check_exportable` refuses it.
 """
 
 import contextlib
@@ -43,6 +43,7 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .modeling.poolers import roi_op_of_head
 
 __all__ = [
     "FORMATS",
@@ -90,19 +91,23 @@ def check_exportable(cfg) -> None:
     """Raises ValueError for settings whose inference cannot be traced faithfully."""
     if cfg.MODEL.META_ARCHITECTURE != "GeneralizedRCNN":
         raise ValueError(f"only GeneralizedRCNN exports, not {cfg.MODEL.META_ARCHITECTURE}")
-    if cfg.MODEL.MRCNN.ROI_OP.AGGREGATION == "max":
-        heads = ["ROI_BOX_HEAD"]
-        if cfg.MODEL.MASK_ON:
-            heads.append("ROI_MASK_HEAD")
-        if cfg.MODEL.KEYPOINT_ON:
-            heads.append("ROI_KEYPOINT_HEAD")
-        adaptive = [h for h in heads if cfg.MODEL[h].POOLER_SAMPLING_RATIO <= 0]
-        if adaptive:
-            raise ValueError(
-                "ROI_OP.AGGREGATION 'max' with an adaptive sampling ratio (POOLER_SAMPLING_RATIO "
-                f"<= 0 in {adaptive}) loops over data-dependent RoI groups and cannot be traced; "
-                "set a fixed POOLER_SAMPLING_RATIO"
-            )
+    heads = ["ROI_BOX_HEAD"]
+    if cfg.MODEL.MASK_ON:
+        heads.append("ROI_MASK_HEAD")
+    if cfg.MODEL.KEYPOINT_ON:
+        heads.append("ROI_KEYPOINT_HEAD")
+    # Each branch may choose its own op (MODEL.MRCNN.ROI_OP.{BOX,MASK,KEYPOINT}).
+    adaptive_max = [
+        h
+        for h in heads
+        if roi_op_of_head(cfg, h).AGGREGATION == "max" and cfg.MODEL[h].POOLER_SAMPLING_RATIO <= 0
+    ]
+    if adaptive_max:
+        raise ValueError(
+            "RoI op aggregation 'max' with an adaptive sampling ratio (POOLER_SAMPLING_RATIO "
+            f"<= 0 in {adaptive_max}) loops over data-dependent RoI groups and cannot be traced; "
+            "set a fixed POOLER_SAMPLING_RATIO"
+        )
 
 
 @contextlib.contextmanager

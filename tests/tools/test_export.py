@@ -187,6 +187,11 @@ def test_check_exportable_refuses_adaptive_max_pooling():
     cfg.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 2
     cfg.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO = 2
     check_exportable(cfg)
+    # A "max" op chosen for the mask branch alone is refused too.
+    cfg = build_cfg(SHAPES_CONFIG, OPTS)
+    cfg.MODEL.MRCNN.ROI_OP.MASK.AGGREGATION = "max"
+    with pytest.raises(ValueError, match="ROI_MASK_HEAD"):
+        check_exportable(cfg)
 
 
 def test_export_refuses_sample_images_of_another_size(shapes_model, image_files, tmp_path):
