@@ -96,33 +96,26 @@ def measure(cfg, state_dict, mode: str, images: int, height: int, width: int,
     model = build_model(cfg)
     model.load_state_dict(state_dict)
     batch = make_batch(cfg, images if mode == "train" else 1, height, width)
+    model.train(mode == "train")
+    # lr 0: every training step does the full update work but keeps the weights, so random
+    # weights cannot diverge over the repeats and both models step on identical weights.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
     times = []
-    if mode == "inference":
-        model.eval()
-        for i in range(warmup + repeats):
-            _sync(device)
-            start = time.perf_counter()
+    for i in range(warmup + repeats):
+        _sync(device)
+        start = time.perf_counter()
+        if mode == "inference":
             with torch.no_grad(), _autocast(device, precision):
                 model(batch)
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    else:
-        model.train()
-        # lr 0: every step does the full update work but keeps the weights, so random weights
-        # cannot diverge over the repeats and both models step on identical weights.
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-        for i in range(warmup + repeats):
-            _sync(device)
-            start = time.perf_counter()
+        else:
             with EventStorage(i), _autocast(device, precision):  # the losses log metrics
                 losses = sum(model(batch).values())
             optimizer.zero_grad()
             losses.backward()
             optimizer.step()
-            _sync(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
     if device.startswith("cuda"):
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
     else:

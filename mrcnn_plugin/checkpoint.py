@@ -31,7 +31,6 @@ __all__ = [
     "UnsafeCheckpointError",
     "is_predictor_key",
     "load_checkpoint",
-    "read_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -95,13 +94,9 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], bool, bool]:
-    """Reads the weights of ``path`` (local), as DetectionCheckpointer understands the formats.
-
-    Returns:
-        (name -> tensor, whether names need detectron2's matching heuristics, whether they are
-        Caffe2 / Detectron1 blob names).
-    """
+def _read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], bool, bool]:
+    """(name -> tensor, whether the names need detectron2's matching heuristics, whether they
+    are Caffe2 / Detectron1 names) of the local file ``path``, formats as DetectionCheckpointer."""
     if path.endswith(".pkl"):
         with open(path, "rb") as f:
             data = _ArrayUnpickler(f, path).load()
@@ -183,7 +178,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"checkpoint {path} not found")
     if isinstance(model, (DataParallel, DistributedDataParallel)):
         model = model.module
-    weights, heuristics, c2_names = read_weights(PathManager.get_local_path(path))
+    weights, heuristics, c2_names = _read_weights(PathManager.get_local_path(path))
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if heuristics:
         weights = align_and_update_state_dicts(model.state_dict(), weights, c2_conversion=c2_names)

@@ -15,19 +15,54 @@ import argparse
 import json
 import logging
 import os
+import time
 
 import torch
 from detectron2.utils.logger import setup_logger
 
 from mrcnn_plugin.config import build_cfg
 from mrcnn_plugin.data.catalog import DEFAULT_DATA_ROOT, register_synthetic_datasets
-from mrcnn_plugin.engine.job import train_and_evaluate
+from mrcnn_plugin.engine import MRCNNTrainer
+from mrcnn_plugin.plotting import plot_metrics
+from mrcnn_plugin.visualize import draw_dataset_predictions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK_CONFIGS = {
     "shapes": os.path.join(ROOT, "configs/Synthetic/mask_rcnn_R_18_FPN_shapes.yaml"),
     "persons": os.path.join(ROOT, "configs/Synthetic/keypoint_rcnn_R_18_FPN_persons.yaml"),
 }
+DRAW_THRESHOLD = 0.5  # detections drawn; evaluation uses all of them
+
+
+def train_and_evaluate(cfg, num_drawn):
+    """Trains, evaluates the final model and draws predictions; returns a summary dict."""
+    start = time.perf_counter()
+    trainer = MRCNNTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    results = MRCNNTrainer.test(cfg, trainer.model)
+    eval_seconds = time.perf_counter() - start
+
+    # Draw from the checkpoint written to disk, so the saved weights are what is shown.
+    draw_cfg = cfg.clone()
+    draw_cfg.defrost()
+    draw_cfg.MODEL.WEIGHTS = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    draw_cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = DRAW_THRESHOLD
+    drawn = draw_dataset_predictions(
+        draw_cfg, cfg.DATASETS.TEST[0], os.path.join(cfg.OUTPUT_DIR, "predictions"), num_drawn
+    )
+    return {
+        "metrics": {task: dict(values) for task, values in results.items()},
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(eval_seconds, 1),
+        "iterations": cfg.SOLVER.MAX_ITER,
+        "checkpoint": draw_cfg.MODEL.WEIGHTS,
+        "training_curves": plot_metrics(os.path.join(cfg.OUTPUT_DIR, "metrics.json")),
+        "drawn_predictions": drawn,
+    }
 
 
 def write_json(path, data):

@@ -108,8 +108,4 @@ class MRCNNTrainer(DefaultTrainer):
         metadata = MetadataCatalog.get(dataset_name)
         # OKS sigmas: the config's if set, else the data set's own (synthetic persons carry them).
         sigmas = cfg.TEST.KEYPOINT_OKS_SIGMAS or metadata.get("keypoint_oks_sigmas", ())
-        return COCOEvaluator(
-            dataset_name,
-            output_dir=output_folder,
-            kpt_oks_sigmas=tuple(sigmas),
-        )
+        return COCOEvaluator(dataset_name, output_dir=output_folder, kpt_oks_sigmas=tuple(sigmas))
