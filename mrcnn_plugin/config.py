@@ -16,6 +16,8 @@ from typing import List, Optional
 from detectron2.config import CfgNode, get_cfg
 from detectron2.config import CfgNode as CN
 
+from .data.train_loader import add_data_validation_config
+
 
 def add_mrcnn_config(cfg):
     """Adds the ``MODEL.MRCNN`` node to ``cfg`` in place and returns it."""
@@ -53,6 +55,8 @@ def add_mrcnn_config(cfg):
     mrcnn.MASK_LOSS = "sigmoid"
     # Hidden fc widths of the MLP mask head (Table 2e), used by "MRCNNMLPMaskHead".
     mrcnn.MASK_MLP_DIMS = [1024, 1024]
+    # Training data the project did not make: bad images/annotations (DATALOADER.MRCNN).
+    add_data_validation_config(cfg)
     return cfg
 
 

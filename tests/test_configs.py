@@ -69,3 +69,4 @@ def test_config_values(relpath, expected):
 def test_global_defaults_untouched():
     add_mrcnn_config(get_cfg())
     assert "MRCNN" not in get_cfg().MODEL
+    assert "MRCNN" not in get_cfg().DATALOADER
