@@ -16,6 +16,7 @@ Files are read without running code from them: ``.pth`` with ``torch.load(weight
 import logging
 import os
 import pickle
+import re
 from typing import Dict, List, NamedTuple, Tuple
 
 import numpy as np
@@ -27,10 +28,12 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 __all__ = [
     "PREDICTOR_PREFIXES",
     "CheckpointMismatchError",
+    "CheckpointReadError",
     "SkippedKey",
     "UnsafeCheckpointError",
     "is_predictor_key",
     "load_checkpoint",
+    "read_checkpoint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,7 +73,11 @@ class CheckpointMismatchError(RuntimeError):
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
-    """A ``.pkl`` checkpoint refers to a global that is not a numpy array or plain container."""
+    """A checkpoint refers to a global that is not an array, a tensor or a plain container."""
+
+
+class CheckpointReadError(ValueError):
+    """The file is not a checkpoint in a format read here; the message names the file."""
 
 
 def is_predictor_key(key: str) -> bool:
@@ -94,12 +101,64 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _torch_load(path: str):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is several paragraphs; the refused global is what matters.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} refers to {refused.group(1)}, which is not a tensor or plain "
+                "container; refusing to load it"
+            ) from None
+        raise CheckpointReadError(
+            f"checkpoint {path}: not loadable with torch.load(weights_only=True) (not a file "
+            "written by torch.save, or one holding more than tensors and plain containers)"
+        ) from e
+    except Exception as e:  # a truncated or foreign file fails anywhere in torch's reader
+        raise CheckpointReadError(
+            f"checkpoint {path} is not a file written by torch.save ({type(e).__name__}: {e})"
+        ) from e
+
+
+def read_checkpoint(path: str) -> dict:
+    """The dict saved in the checkpoint ``path`` (local, or a URL detectron2's PathManager
+    resolves), read without running code from it: ``.pkl`` with an unpickler of numpy arrays
+    and plain containers only, any other name with ``torch.load(weights_only=True)``.
+
+    Raises:
+        FileNotFoundError: a local ``path`` that does not exist.
+        UnsafeCheckpointError: the file refers to any other global (named in the message).
+        CheckpointReadError: the file is not such a checkpoint, or does not hold a dict.
+    """
+    if not path:
+        raise ValueError("no checkpoint path given")
+    if "://" not in path and not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    local = PathManager.get_local_path(path)
+    if local.endswith(".pkl"):
+        with open(local, "rb") as f:
+            try:
+                data = _ArrayUnpickler(f, path).load()
+            except UnsafeCheckpointError:
+                raise
+            except Exception as e:  # truncated or not a pickle: any of pickle's own errors
+                raise CheckpointReadError(
+                    f"checkpoint {path} is not a readable pickle ({type(e).__name__}: {e})"
+                ) from e
+    else:
+        data = _torch_load(local)
+    if not isinstance(data, dict):
+        raise CheckpointReadError(f"checkpoint {path} holds a {type(data).__name__}, not a dict")
+    return data
+
+
 def _read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], bool, bool]:
     """(name -> tensor, whether the names need detectron2's matching heuristics, whether they
-    are Caffe2 / Detectron1 names) of the local file ``path``, formats as DetectionCheckpointer."""
+    are Caffe2 / Detectron1 names) of the checkpoint ``path``, formats as DetectionCheckpointer."""
+    data = read_checkpoint(path)
     if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            data = _ArrayUnpickler(f, path).load()
         if "model" in data and "__author__" in data:  # Detectron2 model zoo
             weights, heuristics = data["model"], data.get("matching_heuristics", False)
             c2_names = False
@@ -108,8 +167,9 @@ def _read_weights(path: str) -> Tuple[Dict[str, torch.Tensor], bool, bool]:
             weights = {k: v for k, v in weights.items() if not k.endswith("_momentum")}
             heuristics = c2_names = True
     else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
         weights, heuristics, c2_names = data.get("model", data), False, False
+    if not isinstance(weights, dict):
+        raise CheckpointReadError(f"checkpoint {path}: its weights are a {type(weights).__name__}")
     tensors = {}
     for key, value in weights.items():
         if not isinstance(value, (np.ndarray, torch.Tensor)):
@@ -169,16 +229,11 @@ def load_checkpoint(
     Raises:
         CheckpointMismatchError: any other key that is missing, unexpected or of the wrong
             shape; the model may then be partly loaded and should be discarded.
-        UnsafeCheckpointError: a ``.pkl`` that would construct anything but arrays.
-        FileNotFoundError: ``path`` is a local path that does not exist.
+        UnsafeCheckpointError, CheckpointReadError, FileNotFoundError: see ``read_checkpoint``.
     """
-    if not path:
-        raise ValueError("load_checkpoint: no checkpoint path given")
-    if "://" not in path and not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
     if isinstance(model, (DataParallel, DistributedDataParallel)):
         model = model.module
-    weights, heuristics, c2_names = _read_weights(PathManager.get_local_path(path))
+    weights, heuristics, c2_names = _read_weights(path)
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if heuristics:
         weights = align_and_update_state_dicts(model.state_dict(), weights, c2_conversion=c2_names)
