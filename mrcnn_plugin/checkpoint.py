@@ -101,6 +101,12 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def _reason(error: Exception) -> str:
+    """``Type: first line of the message`` (some of torch's and pickle's messages are empty)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
 def _torch_load(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -118,7 +124,7 @@ def _torch_load(path: str):
         ) from e
     except Exception as e:  # a truncated or foreign file fails anywhere in torch's reader
         raise CheckpointReadError(
-            f"checkpoint {path} is not a file written by torch.save ({type(e).__name__}: {e})"
+            f"checkpoint {path} is not a file written by torch.save ({_reason(e)})"
         ) from e
 
 
@@ -145,7 +151,7 @@ def read_checkpoint(path: str) -> dict:
                 raise
             except Exception as e:  # truncated or not a pickle: any of pickle's own errors
                 raise CheckpointReadError(
-                    f"checkpoint {path} is not a readable pickle ({type(e).__name__}: {e})"
+                    f"checkpoint {path} is not a readable pickle ({_reason(e)})"
                 ) from e
     else:
         data = _torch_load(local)
