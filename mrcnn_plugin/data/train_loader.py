@@ -292,9 +292,15 @@ def build_validated_train_dataset(cfg, mapper=None) -> Tuple[DatasetFromList, Ba
     return dataset, skipper
 
 
-def build_validated_train_loader(cfg, mapper=None):
+def build_validated_train_loader(cfg, mapper=None, *, wrap_sampler=None):
     """detectron2's ``build_detection_train_loader(cfg)`` on checked records, with bad-record
     handling set by ``cfg.DATALOADER.MRCNN`` (see the module docstring). The sampler, batch
-    size, aspect-ratio grouping and workers come from ``cfg`` as in detectron2."""
+    size, aspect-ratio grouping and workers come from ``cfg`` as in detectron2;
+    ``wrap_sampler(sampler)``, when given, returns the sampler to use in place of the one
+    detectron2 chose (resuming uses it to start the index stream where a run stopped)."""
     dataset, skipper = build_validated_train_dataset(cfg, mapper)
-    return build_detection_train_loader(cfg, mapper=skipper, dataset=dataset)
+    if wrap_sampler is None:
+        return build_detection_train_loader(cfg, mapper=skipper, dataset=dataset)
+    kwargs = build_detection_train_loader.from_config(cfg, mapper=skipper, dataset=dataset)
+    kwargs["sampler"] = wrap_sampler(kwargs["sampler"])
+    return build_detection_train_loader(**kwargs)

@@ -5,7 +5,6 @@ import os
 import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import MetadataCatalog
 from detectron2.engine import (
     AMPTrainer,
@@ -19,7 +18,10 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.train_loader import build_validated_train_loader
+from .checkpointer import SafeCheckpointer
 from .cpu_autocast import CPUAutocastTrainer, cpu_has_bf16
+from .finite_step import check_finite_gradients
+from .resume import ResumableLoader, ResumableSampler, load_rng_state, rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,11 @@ class MRCNNTrainer(DefaultTrainer):
     ``device_ids=[local_rank]``: DistributedDataParallel refuses that for a CPU model. So
     ``__init__`` does the same wiring with DefaultTrainer's public builders, and the object
     that runs one step is ``step_runner`` (see ``build_step_runner``).
+
+    Training stops before an optimizer step with non-finite gradients (``finite_step``);
+    checkpoints are atomic and never hold NaN/Inf (``SafeCheckpointer``); a resumed run goes on
+    with the saved random states and data position (``resume``: bit-identical on the CPU with
+    one process and DATALOADER.NUM_WORKERS 0).
     """
 
     model = _step_runner_attribute("model")
@@ -55,6 +62,7 @@ class MRCNNTrainer(DefaultTrainer):
         # Built in DefaultTrainer's order (the optimizer before the data loader).
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
+        check_finite_gradients(optimizer, model)
         data_loader = self.build_train_loader(cfg)
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())
         model = create_ddp_model(
@@ -62,9 +70,7 @@ class MRCNNTrainer(DefaultTrainer):
         )
         self.step_runner = self.build_step_runner(cfg, model, data_loader, optimizer)
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
+        self.checkpointer = SafeCheckpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -87,12 +93,27 @@ class MRCNNTrainer(DefaultTrainer):
         self.step_runner.run_step()
 
     def state_dict(self):
-        return {**TrainerBase.state_dict(self), "step_runner": self.step_runner.state_dict()}
+        state = {**TrainerBase.state_dict(self), "step_runner": self.step_runner.state_dict()}
+        # The scheduler directly too: the LRScheduler hook saves only _LRScheduler subclasses,
+        # which torch 2.x's own schedulers are not. Only the main process saves: its random
+        # states are those of a one-process run.
+        return {**state, "scheduler": self.scheduler.state_dict(), "rng": rng_state()}
 
     def load_state_dict(self, state_dict):
         TrainerBase.load_state_dict(self, state_dict)
         if "step_runner" in state_dict:  # absent from checkpoints of other trainers
             self.step_runner.load_state_dict(state_dict["step_runner"])
+        if "scheduler" in state_dict:
+            self.scheduler.load_state_dict(state_dict["scheduler"])
+        if isinstance(self.data_loader, ResumableLoader):
+            # The checkpoint is taken after its iteration: resume with the next batch.
+            self.data_loader.start_at(self.iter + 1)
+        if "rng" in state_dict and comm.get_world_size() == 1:
+            load_rng_state(state_dict["rng"])
+        elif "rng" in state_dict:
+            logger.info(
+                "Resuming %d processes: each keeps its fresh random state", comm.get_world_size()
+            )
 
     @classmethod
     def build_model(cls, cfg):
@@ -106,8 +127,18 @@ class MRCNNTrainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """detectron2's train loader over checked records: a bad image or annotation is named
-        (file and field), or skipped and counted with DATALOADER.MRCNN.SKIP_BAD_RECORDS."""
-        return build_validated_train_loader(cfg)
+        (file and field), or skipped and counted with DATALOADER.MRCNN.SKIP_BAD_RECORDS. It is
+        a ResumableLoader: a resumed run goes on with the batch after the checkpoint's."""
+        samplers = []
+
+        def resumable(sampler):
+            samplers.append(ResumableSampler(sampler))
+            return samplers[-1]
+
+        loader = build_validated_train_loader(cfg, wrap_sampler=resumable)
+        return ResumableLoader(
+            loader, samplers[0], cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
