@@ -22,23 +22,37 @@ AP_KEYS = ("bbox/AP", "segm/AP", "keypoints/AP")
 Series = Dict[str, Tuple[List[int], List[float]]]
 
 
+class MetricsFileError(ValueError):
+    """A metrics.json with no training records in it; the message names the file."""
+
+
 def load_metrics(path: str) -> List[dict]:
     """The records of ``path`` (a metrics.json, or a folder holding one). A line that is not
-    a JSON object (e.g. the last line of a run still writing) is skipped with a warning."""
+    a JSON object (e.g. the last line of a run still writing) is skipped with a warning.
+
+    Raises:
+        MetricsFileError: no line of the file is a record (an empty or binary file).
+    """
     if os.path.isdir(path):
         path = os.path.join(path, "metrics.json")
-    records = []
-    with open(path) as f:
+    records, skipped = [], []
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is skipped, not fatal
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                logger.warning("%s:%d is not JSON; skipped", path, number)
+            except ValueError:  # not JSON, or not UTF-8
+                skipped.append(number)
                 continue
             if isinstance(record, dict) and "iteration" in record:
                 records.append(record)
+    if skipped:
+        logger.warning(
+            "%s: %d line(s) not JSON, skipped (first: %d)", path, len(skipped), skipped[0]
+        )
+    if not records:
+        raise MetricsFileError(f"{path}: no training metrics (no JSON line with an 'iteration')")
     return records
 
 
@@ -117,8 +131,6 @@ def plot_metrics(metrics_path: str, output: Optional[str] = None, smooth: int = 
     """Reads ``metrics_path`` (file or folder) and writes the PNG; returns its path (default:
     ``metrics.png`` beside metrics.json)."""
     records = load_metrics(metrics_path)
-    if not records:
-        raise ValueError(f"{metrics_path}: no metrics records found")
     if output is None:
         folder = metrics_path if os.path.isdir(metrics_path) else os.path.dirname(metrics_path)
         output = os.path.join(folder, "metrics.png")

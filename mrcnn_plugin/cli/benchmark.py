@@ -18,6 +18,7 @@ import torch
 from detectron2.modeling import build_model
 
 from ..benchmark import load_cfg, measure
+from .common import reports_bad_input
 
 IMPLEMENTATIONS = ("plugin", "detectron2")
 
@@ -42,7 +43,7 @@ def run_worker(args):
     impl, mode, weights = args.worker
     cfg = load_cfg(args.config_file, args.opts + ["MODEL.DEVICE", args.device], impl != "plugin")
     row = measure(
-        cfg, torch.load(weights), mode, args.images_per_batch, *args.image_size,
+        cfg, torch.load(weights, weights_only=True), mode, args.images_per_batch, *args.image_size,
         args.warmup, args.repeats, args.precision,
     )  # fmt: skip
     print(json.dumps(row))
@@ -96,6 +97,7 @@ def run(argv=None):
     return rows
 
 
+@reports_bad_input("mrcnn-benchmark")
 def main(argv=None):
     run(argv)  # a console script exits with main()'s return value: return None
 

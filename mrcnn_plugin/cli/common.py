@@ -1,9 +1,57 @@
-"""Command-line flags the tools share: the synthetic-data flags."""
+"""What the tools share: the synthetic-data flags, and how a bad input is reported.
+
+Every tool's ``main`` is wrapped in :func:`reports_bad_input`: an input the user gave that
+cannot be used (a missing or unreadable file, a config or checkpoint the library refuses,
+bad training data) ends the tool with ``mrcnn-<tool>: error: <message>`` on stderr and exit
+status 2, as argparse does for bad flags. The library's messages name the file; any other
+exception is a bug and keeps its traceback.
+"""
 
 import argparse
-from typing import Dict, Optional
+import functools
+import sys
+from typing import Callable, Dict, Optional
 
+from ..checkpoint import CheckpointMismatchError, CheckpointReadError, UnsafeCheckpointError
+from ..config import ConfigError
 from ..data.catalog import DEFAULT_DATA_ROOT
+from ..data.validation import BadDatasetError, BadRecordError, TooManyBadRecordsError
+from ..plotting import MetricsFileError
+
+# Errors about the user's input: OSError for missing or unreadable files, and the library's own
+# (their messages name the file, and the line or key).
+BAD_INPUT_ERRORS = (
+    OSError,
+    ConfigError,
+    CheckpointReadError,
+    UnsafeCheckpointError,
+    CheckpointMismatchError,
+    MetricsFileError,
+    BadRecordError,
+    BadDatasetError,
+    TooManyBadRecordsError,
+)
+EXIT_BAD_INPUT = 2  # argparse's status for bad arguments
+
+
+def reports_bad_input(prog: str) -> Callable:
+    """Decorates a tool's ``main(argv=None)``: BAD_INPUT_ERRORS become one line on stderr,
+    ``<prog>: error: <message>``, and exit status 2 (a traceback would show where in a library
+    the file was read, not what is wrong with it). Other exceptions are bugs and propagate."""
+
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def wrapped(argv=None):
+            try:
+                return main(argv)
+            except BAD_INPUT_ERRORS as e:
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                raise SystemExit(EXIT_BAD_INPUT) from None
+
+        return wrapped
+
+    return decorate
+
 
 SYNTHETIC_SIZE_FLAGS = ("num_train", "num_val", "image_size", "seed")
 

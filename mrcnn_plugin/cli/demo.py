@@ -12,6 +12,10 @@ of COCO detections: {"image_id", "file_name", "category_id", "bbox" [x, y, w, h]
 
 MODEL.WEIGHTS must fit the config exactly (see :func:`mrcnn_plugin.checkpoint.load_checkpoint`).
 Class names come from the metadata of DATASETS.TEST[0] (synthetic ones need no files).
+
+An image that cannot be read (missing, empty, not an image, truncated) is reported and skipped;
+the others are still drawn and written. A config, checkpoint or video that cannot be used ends
+the tool with one line, ``mrcnn-demo: error: ...``, and exit status 2.
 """
 
 import argparse
@@ -24,14 +28,16 @@ from typing import List, Optional
 
 import cv2
 import torch
-from detectron2.data.detection_utils import read_image
 from detectron2.evaluation.coco_evaluation import instances_to_coco_json
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 from ..config import build_cfg
 from ..data.catalog import dataset_metadata
+from ..data.image_io import read_image_checked
+from ..data.validation import BadImageError
 from ..visualize import draw_predictions, strict_predictor
+from .common import reports_bad_input
 
 logger = logging.getLogger("mrcnn_plugin.demo")
 
@@ -123,10 +129,16 @@ def _unique_png_path(output: str, source: str, taken: set) -> str:
 
 
 def run_on_images(predictor, metadata, paths: List[str], output: str) -> List[str]:
-    """Draws and writes one PNG per image and ``results.json``; returns the PNG paths."""
-    written, results, taken = [], [], set()
+    """Draws and writes one PNG per image and ``results.json``; returns the PNG paths. An image
+    that cannot be read is logged and skipped; BadImageError when none can be."""
+    written, results, taken, skipped = [], [], set(), []
     for image_id, path in enumerate(tqdm(paths, desc="images", unit="img")):
-        image = read_image(path, format="BGR")
+        try:
+            image = read_image_checked(path, format="BGR")
+        except BadImageError as e:
+            logger.warning("skipped: %s", e)
+            skipped.append(str(e))
+            continue
         instances = predictor(image)["instances"].to("cpu")
         drawn = draw_predictions(image, instances, metadata)
         png = _unique_png_path(output, path, taken)
@@ -134,6 +146,12 @@ def run_on_images(predictor, metadata, paths: List[str], output: str) -> List[st
         written.append(png)
         results.extend(coco_results(instances, image_id, path, metadata))
     _write_json(os.path.join(output, "results.json"), results)
+    if skipped:
+        logger.warning(
+            "%d of %d images could not be read and were skipped", len(skipped), len(paths)
+        )
+    if skipped and not written:
+        raise BadImageError(f"none of the {len(paths)} images could be read; first: {skipped[0]}")
     return written
 
 
@@ -172,11 +190,13 @@ def run_on_video(predictor, metadata, video: str, output: str) -> str:
     return mp4
 
 
+@reports_bad_input("mrcnn-demo")
 def main(argv: Optional[List[str]] = None):
     """Console entry point; ``argv`` defaults to sys.argv[1:]."""
-    args = argument_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    parser = argument_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.input and not args.video_input:
-        raise SystemExit("nothing to do: give --input and/or --video-input")
+        parser.error("nothing to do: give --input and/or --video-input")
     for name in ("detectron2", "fvcore", "mrcnn_plugin"):
         setup_logger(name=name)
     paths = expand_inputs(args.input)

@@ -26,6 +26,7 @@ from detectron2.utils.logger import setup_logger
 
 from ..config import build_cfg
 from ..export import FORMATS, REPORT_NAME, build_exportable_model, export_and_verify
+from .common import reports_bad_input
 
 
 def argument_parser() -> argparse.ArgumentParser:
@@ -74,6 +75,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+@reports_bad_input("mrcnn-export")
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point; ``argv`` defaults to sys.argv[1:]. Returns None: console-script
     wrappers call sys.exit(main()), for which any other value is a failure."""

@@ -11,8 +11,10 @@ import sys
 from typing import List, Optional
 
 from ..plotting import plot_metrics
+from .common import reports_bad_input
 
 
+@reports_bad_input("mrcnn-plot-metrics")
 def main(argv: Optional[List[str]] = None):
     """Console entry point; ``argv`` defaults to sys.argv[1:]."""
     parser = argparse.ArgumentParser(

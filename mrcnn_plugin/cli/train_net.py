@@ -13,6 +13,12 @@ Output in OUTPUT_DIR comes from DefaultTrainer: checkpoints (model_final.pth), m
 JSON object per line), TensorBoard events and the COCO evaluation of DATASETS.TEST at the end.
 ``--eval-only`` also writes eval_results.json there. Synthetic data sets named in DATASETS
 (mrcnn_shapes_*, mrcnn_persons_*) are generated under --data-root and registered.
+
+The checkpoint a run loads (the last one in OUTPUT_DIR with --resume, else MODEL.WEIGHTS) is
+read first without running code from it (:func:`mrcnn_plugin.checkpoint.read_checkpoint`):
+detectron2's checkpointer, which then loads it for training, unpickles ``.pkl`` files with
+``pickle.load``. A config, override or file that cannot be used ends the tool with one line,
+``mrcnn-train: error: ...``, and exit status 2.
 """
 
 import argparse
@@ -28,12 +34,12 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, read_checkpoint
 from ..config import build_cfg
 from ..data.catalog import cfg_dataset_names, register_synthetic_datasets
 from ..engine.launch import launch
 from ..engine.trainer import MRCNNTrainer
-from .common import add_synthetic_arguments, synthetic_sizes
+from .common import add_synthetic_arguments, reports_bad_input, synthetic_sizes
 
 logger = logging.getLogger("mrcnn_plugin.train_net")
 
@@ -64,9 +70,9 @@ def setup(args):
     return cfg
 
 
-def _eval_weights(cfg, resume: bool) -> str:
-    """The checkpoint --eval-only evaluates: the last one in OUTPUT_DIR with --resume (when it
-    exists), else MODEL.WEIGHTS."""
+def weights_to_load(cfg, resume: bool) -> str:
+    """The checkpoint a run loads (as ``DefaultTrainer.resume_or_load``; --eval-only too): the
+    last one in OUTPUT_DIR with --resume (when it exists), else MODEL.WEIGHTS ("" for none)."""
     checkpointer = DetectionCheckpointer(None, save_dir=cfg.OUTPUT_DIR)
     if resume and checkpointer.has_checkpoint():
         return checkpointer.get_checkpoint_file()
@@ -77,7 +83,7 @@ def evaluate(cfg, args):
     """Builds the model, loads its weights strictly (a checkpoint that does not fit raises)
     and runs ``MRCNNTrainer.test`` on DATASETS.TEST; returns {task: {metric: value}}."""
     model = MRCNNTrainer.build_model(cfg)
-    weights = _eval_weights(cfg, args.resume)
+    weights = weights_to_load(cfg, args.resume)
     if weights:
         load_checkpoint(model, weights)
     else:
@@ -105,12 +111,16 @@ def run(args):
     return trainer.train()
 
 
+@reports_bad_input("mrcnn-train")
 def main(argv: Optional[List[str]] = None):
     """Console entry point: parses ``argv`` (default: sys.argv[1:]) and launches ``run`` in
     --num-gpus processes per machine."""
     args = argument_parser().parse_args(sys.argv[1:] if argv is None else argv)
     print("Command Line Args:", args)
     cfg = build_cfg(args.config_file, args.opts)
+    weights = weights_to_load(cfg, args.resume)
+    if weights:
+        read_checkpoint(weights)  # refuses a file that would run code, before any process starts
     if args.num_gpus * args.num_machines > 1:
         # Generate the synthetic data once, here, so that the processes only read it.
         setup_logger(name="mrcnn_plugin")

@@ -2,6 +2,7 @@
 model saved as a checkpoint; the JSON is checked against DefaultPredictor run here."""
 
 import json
+import logging
 import os
 
 import cv2
@@ -14,7 +15,7 @@ from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
 from tool_helpers import SHAPES_CONFIG, TINY_OPTS, run_tool
 
-from mrcnn_plugin.cli.demo import expand_inputs
+from mrcnn_plugin.cli.demo import expand_inputs, main
 from mrcnn_plugin.config import build_cfg
 from mrcnn_plugin.data.catalog import dataset_metadata, split_synthetic_name
 
@@ -118,6 +119,45 @@ def test_demo_images_and_video(tmp_path, weights):
     assert video_results and {d["image_id"] for d in video_results} <= set(range(5))
     for det in video_results:
         _check_detection(det, {i: video for i in range(5)})
+
+
+def test_demo_skips_an_unreadable_image(tmp_path, weights, caplog):
+    """One of five images is not an image: it is reported and skipped, the images after it
+    are still drawn, and results.json is written. Run in process: the tool's start-up is
+    tested above."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(5):
+        image = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        cv2.imwrite(str(folder / f"img{i}.png"), image)
+    bad = folder / "img2.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this PNG was cut off")
+    out = tmp_path / "out"
+    logging.getLogger("mrcnn_plugin.demo").addHandler(caplog.handler)  # it does not propagate
+    try:
+        main([
+            "--config-file", SHAPES_CONFIG, "--input", str(folder), "--output", str(out),
+            "--confidence-threshold", str(THRESHOLD),
+            "--opts", *TINY_OPTS, "MODEL.WEIGHTS", weights,
+        ])  # fmt: skip
+    finally:
+        logging.getLogger("mrcnn_plugin.demo").removeHandler(caplog.handler)
+    good = [str(folder / f"img{i}.png") for i in (0, 1, 3, 4)]
+    assert sorted(os.listdir(out)) == [
+        "img0.png",
+        "img1.png",
+        "img3.png",
+        "img4.png",
+        "results.json",
+    ]
+    skips = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert any(str(bad) in m for m in skips), skips
+    assert any("1 of 5 images" in m for m in skips), skips
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert {d["file_name"] for d in results} <= set(good)
+    assert {d["image_id"] for d in results} & {3, 4}  # images after the bad one: ids kept
 
 
 def test_expand_inputs(tmp_path):

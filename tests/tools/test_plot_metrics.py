@@ -11,7 +11,13 @@ import pytest
 from tool_helpers import ROOT
 
 from mrcnn_plugin.cli.plot_metrics import main
-from mrcnn_plugin.plotting import extract_series, load_metrics, make_figure, moving_average
+from mrcnn_plugin.plotting import (
+    MetricsFileError,
+    extract_series,
+    load_metrics,
+    make_figure,
+    moving_average,
+)
 
 LOSSES = ("loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc")
 
@@ -92,3 +98,16 @@ def test_console_script_exits_zero(metrics_file, tmp_path):
     proc = subprocess.run([script, str(metrics_file), "--output", str(out)], capture_output=True)
     assert proc.returncode == 0, proc.stderr
     assert out.exists()
+
+
+def test_binary_or_missing_metrics_file_is_one_error_line(tmp_path, capsys):
+    binary = tmp_path / "metrics.json"
+    binary.write_bytes(b"\xff\xfe\x00\x81garbage\n\x80{\n")
+    with pytest.raises(MetricsFileError, match=str(binary)):
+        load_metrics(str(binary))
+    for path in (binary, tmp_path / "missing.json"):
+        with pytest.raises(SystemExit) as stop:
+            main([str(path)])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("mrcnn-plot-metrics: error: ") and str(path) in err[-1], err
