@@ -229,7 +229,7 @@ def _register(folder, name, bad_kinds):
     records = []
     for i, kind in enumerate(["good"] * 6 + list(bad_kinds)):
         path = os.path.join(folder, f"{i}_{kind}.png")
-        cv2.imwrite(path, np.full((32, 32, 3), 40 * i, np.uint8))
+        cv2.imwrite(path, np.full((32, 32, 3), 30 * i, np.uint8))
         if kind != "good":
             data = open(path, "rb").read()
             open(path, "wb").write(data[: len(data) // 2] if kind == "truncated" else b"")
