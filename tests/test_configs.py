@@ -9,6 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from mrcnn_plugin import add_mrcnn_config
+from mrcnn_plugin.config import build_cfg
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 LEAF_CONFIGS = sorted(
@@ -19,9 +20,7 @@ LEAF_CONFIGS = sorted(
 
 
 def load(relpath):
-    cfg = get_cfg()
-    add_mrcnn_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIG_DIR, relpath))
+    cfg = build_cfg(os.path.join(CONFIG_DIR, relpath))  # the tools' safe loader
     cfg.MODEL.DEVICE = "cpu"
     return cfg
 
