@@ -216,6 +216,17 @@ def test_checkpoint_payloads_are_refused(tmp_path, make, refused):
     assert not marker.exists()
 
 
+def test_trainer_checkpointer_refuses_hostile_weights(tmp_path):
+    # MRCNNTrainer.resume_or_load(resume=False) loads MODEL.WEIGHTS through this checkpointer.
+    from mrcnn_plugin.engine.checkpointer import SafeCheckpointer
+
+    marker = tmp_path / "MARKER"
+    path = _zoo_pkl(tmp_path / "w.pkl", RunsShell(marker))
+    with pytest.raises(UnsafeCheckpointError, match="w.pkl"):
+        SafeCheckpointer(torch.nn.Linear(2, 2), str(tmp_path)).resume_or_load(path, resume=False)
+    assert not marker.exists()
+
+
 def test_unreadable_checkpoints_name_the_file(tmp_path):
     good = _pth(tmp_path / "good.pth", 1)
     truncated = tmp_path / "truncated.pth"

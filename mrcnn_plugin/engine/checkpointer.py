@@ -130,6 +130,10 @@ class SafeCheckpointer(DetectionCheckpointer):
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         if resume and self.has_checkpoint():
             return self.load_for_resume(self.get_checkpoint_file())
+        if path:
+            # detectron2's loader unpickles .pkl files as they are: vet the file first, so a
+            # hostile MODEL.WEIGHTS is refused here too, not only by the command-line tools.
+            read_checkpoint(path)
         return super().resume_or_load(path, resume=False)
 
     def load_for_resume(self, path: str, checkpointables: Optional[List[str]] = None) -> dict:
