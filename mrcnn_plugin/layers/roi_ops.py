@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 _AGGREGATIONS = ("avg", "max")
+_CPU_ROI_POOL_UPCAST = (torch.bfloat16, torch.float16)
 
 OutputSize = Union[int, Tuple[int, int]]
 
@@ -163,6 +164,15 @@ def roi_pool(
 
     Shapes as in :func:`roi_align`.
     """
+    if input.device.type == "cpu" and input.dtype in _CPU_ROI_POOL_UPCAST:
+        # torchvision has no CPU roi_pool kernel for these dtypes (bfloat16 autocast). Every
+        # bf16/fp16 value is exact in float32 and a max selects one of them, so pooling in
+        # float32 and casting back is exact; the RoIs stay float32 so they are not rounded.
+        _prepare_rois(input, rois)  # shape checks
+        pooled = torchvision.ops.roi_pool(
+            input.float(), rois.float(), _pair(output_size), spatial_scale
+        )
+        return pooled.to(input.dtype)
     rois = _prepare_rois(input, rois)
     return torchvision.ops.roi_pool(input, rois, _pair(output_size), spatial_scale)
 

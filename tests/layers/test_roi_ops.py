@@ -156,6 +156,27 @@ def test_roi_pool_matches_reference_and_torchvision():
     torch.testing.assert_close(out, torchvision.ops.roi_pool(feats, rois, (3, 4), scale))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_roi_pool_half_precision_on_cpu_equals_float32(dtype):
+    # torchvision has no CPU kernel for these dtypes; the op pools in float32, which is exact.
+    feats, rois, scale = _random_case(dtype=torch.float32, seed=5)
+    half = feats.to(dtype).requires_grad_()
+    out = roi_pool(half, rois, (3, 4), scale)
+    assert out.dtype == dtype
+    expected = torchvision.ops.roi_pool(half.detach().float(), rois, (3, 4), scale).to(dtype)
+    assert torch.equal(out, expected)
+    out.float().sum().backward()
+    assert half.grad is not None and half.grad.dtype == dtype and half.grad.abs().sum() > 0
+
+
+def test_roi_pool_module_under_cpu_bf16_autocast():
+    feats, rois, scale = _random_case(dtype=torch.float32, seed=6)
+    conv = torch.nn.Conv2d(3, 3, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = RoIPool((2, 2), scale)(conv(feats), rois)
+    assert out.shape == (rois.shape[0], 3, 2, 2) and torch.isfinite(out.float()).all()
+
+
 @pytest.mark.parametrize("aggregation,sampling_ratio", itertools.product(["avg", "max"], [2, 0]))
 def test_roi_warp_matches_reference(aggregation, sampling_ratio):
     feats, rois, scale = _random_case(seed=5)
