@@ -1,25 +1,34 @@
-"""Export of a plugin Mask R-CNN to TorchScript (tracing) or ONNX, checked against eager.
+"""Export of a plugin Mask R-CNN / Keypoint R-CNN to TorchScript (tracing) or ONNX.
 
-The exported graph is :class:`ExportAdapter`. Input ``image``: (3, H, W) float32 in
-cfg.INPUT.FORMAT channel order (BGR for the plugin's configs), resized as DefaultPredictor
-does (:func:`load_image`); normalization and padding are in the graph. Outputs, in the order of
-``ExportAdapter.output_names``, N detections, in input coordinates: pred_boxes (N, 4) float32
-x0, y0, x1, y1; scores (N,); pred_classes (N,) int64; pred_masks (N, 1, M, M) mask
-probabilities of the predicted class (MASK_ON); pred_keypoints (N, K, 3) x, y, score and
-pred_keypoint_heatmaps (N, K, S, S) logits (KEYPOINT_ON). Pasting masks into the image loops
-over detections, so it stays out of the graph: :func:`postprocess` does it in eager code
-(detectron2's ``detector_postprocess``) and returns what the eager model's ``forward`` returns.
+The exported graph is :class:`ExportAdapter`, one for both formats. Input ``image``: (3, H, W)
+float32 of ANY height and width (both formats: the ONNX input has dynamic axes "height" and
+"width") in cfg.INPUT.FORMAT channel order (BGR for the plugin's configs), resized as
+DefaultPredictor does (:func:`load_image`); normalization and padding are in the graph.
+Outputs, in the order of ``ExportAdapter.output_names``, N detections ("detections" axis), in
+input coordinates: pred_boxes (N, 4) float32 x0, y0, x1, y1; scores (N,); pred_classes (N,)
+int64; pred_masks (N, 1, M, M) mask probabilities of the predicted class (MASK_ON);
+pred_keypoints (N, K, 3) x, y, score (KEYPOINT_ON, TorchScript only) and
+pred_keypoint_heatmaps (N, K, S, S) logits (KEYPOINT_ON). Pasting masks (and, for ONNX,
+decoding keypoints) loops over detections, so it stays out of the graph: the numpy
+``mrcnn_plugin.deploy.onnx_runner.postprocess`` does it without torch, :func:`postprocess`
+with detectron2's ``detector_postprocess``; both return what the eager model returns.
 
-Limits of the traced graph (tracing records one run of the Python code):
-    * only the traced input size is verified, so the CLI takes sample images of one size (the
-      ONNX input has fixed dims; a traced model ran exactly on 96x64 and 80x72 inputs after
-      tracing at 64x64, as detectron2 keeps anchors and padding traceable, but unverified);
+Exporter: the TorchScript-based ``torch.onnx.export(..., dynamo=False)`` on a trace. The
+dynamo-based exporter (``torch.export``) stops at detectron2's first data-dependent shape
+(``ImageList.from_tensors`` pads by a tensor-valued amount, then ``Conv2d`` tests
+``x.numel() == 0``: GuardOnDataDependentSymNode) and, past that, every Python branch on a
+detection count in detectron2's heads; tracing records detectron2's trace-friendly paths
+(tensor-valued sizes, anchors and padding), which then follow any input size.
+
+Limits of the traced graph (tracing records one run of the Python code), checked by
+``mrcnn_plugin.export_verify`` at other input sizes and detection counts than the traced ones:
     * data-dependent Python branches keep their trace-time outcome, e.g. detectron2's
       ``if not valid_mask.all()`` in fast_rcnn.py / proposal_utils.py (non-finite boxes are not
-      dropped) and ``len(boxes) < 40000`` in layers/nms.py;
+      dropped) and ``len(boxes) < 40000`` in layers/nms.py; config values such as
+      MODEL.ROI_HEADS.SCORE_THRESH_TEST and TEST.DETECTIONS_PER_IMAGE are constants of the file;
     * keypoint decoding loops over detections: detectron2 scripts ``heatmaps_to_keypoints``
-      when tracing (``script_if_tracing``), so the loop is in the graph; ONNX export of that
-      scripted loop is not verified here;
+      when tracing, which TorchScript keeps and the ONNX exporter cannot convert, hence
+      ``keypoints_in_graph=False`` for ONNX;
     * a branch op with aggregation "max" and POOLER_SAMPLING_RATIO <= 0 loops over data-dependent
       RoI groups (roi_ops._roi_align_max): :func:`check_exportable` refuses it.
 """
@@ -29,7 +38,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -51,40 +59,86 @@ __all__ = [
     "check_exportable",
     "load_image",
     "export_torchscript",
+    "save_torchscript",
     "export_onnx",
     "load_exported",
     "postprocess",
     "compare_outputs",
     "build_exportable_model",
-    "export_and_verify",
+    "export_metadata",
+    "nonstandard_onnx_ops",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORMATS = {"torchscript": "model.ts", "onnx": "model.onnx"}
-ONNX_OPSET = 17
-REPORT_NAME = "export_report.json"
+ONNX_OPSET = 17  # RoiAlign with aligned=True (half_pixel) needs opset >= 16
+METADATA_KEY = "mrcnn_plugin"  # ONNX metadata_props key / TorchScript extra file stem
 
 
 class ExportAdapter(nn.Module):
     """Wraps a ``GeneralizedRCNN`` for tracing: ``forward(image (3, H, W)) -> tuple`` of the
-    tensors named by ``output_names`` (see the module docstring)."""
+    tensors named by ``output_names`` (see the module docstring).
 
-    def __init__(self, model: GeneralizedRCNN):
+    ``keypoints_in_graph=False`` (the ONNX export) leaves detectron2's keypoint decoding,
+    a scripted per-detection loop that the ONNX exporter cannot convert, out of the graph: the
+    keypoint branch is then run as its pooler and head layers only and ``pred_keypoints`` is
+    not an output (``mrcnn_plugin.deploy.onnx_runner.postprocess`` decodes the heatmaps).
+    """
+
+    def __init__(self, model: GeneralizedRCNN, keypoints_in_graph: bool = True):
         super().__init__()
         if not isinstance(model, GeneralizedRCNN):
             raise TypeError(f"ExportAdapter needs a GeneralizedRCNN, got {type(model).__name__}")
-        self.model = model.eval()
+        self.model = model
+        # Eval mode on the adapter itself: exporters restore the wrapper's mode afterwards.
+        self.eval()
+        heads = model.roi_heads
+        self.keypoint_on = bool(getattr(heads, "keypoint_on", False))
+        self.keypoints_in_graph = keypoints_in_graph or not self.keypoint_on
+        if not self.keypoints_in_graph:
+            missing = [
+                name
+                for name in ("keypoint_in_features", "keypoint_pooler", "keypoint_head")
+                if getattr(heads, name, None) is None
+            ]
+            if missing or model.proposal_generator is None:
+                raise ValueError(
+                    f"{type(heads).__name__} has no {missing or ['proposal_generator']}: its "
+                    "keypoint heatmaps cannot be exported apart from their decoding"
+                )
         self.output_names: List[str] = ["pred_boxes", "scores", "pred_classes"]
-        if getattr(model.roi_heads, "mask_on", False):
+        if getattr(heads, "mask_on", False):
             self.output_names.append("pred_masks")
-        if getattr(model.roi_heads, "keypoint_on", False):
-            self.output_names += ["pred_keypoints", "pred_keypoint_heatmaps"]
+        if self.keypoint_on:
+            self.output_names += ["pred_keypoints"] if self.keypoints_in_graph else []
+            self.output_names.append("pred_keypoint_heatmaps")
 
     def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        instances = self.model.inference([{"image": image}], do_postprocess=False)[0]
-        outputs = (instances.pred_boxes.tensor, instances.scores, instances.pred_classes)
-        return outputs + tuple(instances.get(name) for name in self.output_names[3:])
+        if self.keypoints_in_graph:
+            instances = self.model.inference([{"image": image}], do_postprocess=False)[0]
+        else:
+            instances = self._inference_with_keypoint_heatmaps(image)
+        return tuple(instances.get(name) if name != "pred_boxes" else instances.pred_boxes.tensor
+                     for name in self.output_names)  # fmt: skip
+
+    def _inference_with_keypoint_heatmaps(self, image: torch.Tensor) -> Instances:
+        """GeneralizedRCNN.inference with the keypoint branch's decoding left out: the ROI
+        heads run with ``keypoint_on`` off, then the keypoint pooler and head layers."""
+        model, heads = self.model, self.model.roi_heads
+        images = model.preprocess_image([{"image": image}])
+        features = model.backbone(images.tensor)
+        proposals, _ = model.proposal_generator(images, features, None)
+        heads.keypoint_on = False
+        try:
+            instances = heads(images, features, proposals)[0][0]
+        finally:
+            heads.keypoint_on = True
+        pooled = heads.keypoint_pooler(
+            [features[f] for f in heads.keypoint_in_features], [instances.pred_boxes]
+        )
+        instances.pred_keypoint_heatmaps = heads.keypoint_head.layers(pooled)
+        return instances
 
 
 def check_exportable(cfg) -> None:
@@ -135,36 +189,96 @@ def load_image(cfg, path: str) -> Tuple[torch.Tensor, Tuple[int, int]]:
     return tensor, tuple(image.shape[:2])
 
 
+def export_metadata(cfg, adapter: ExportAdapter) -> dict:
+    """What a runner needs besides the graph: input format, test-time resize, output names,
+    class names and dataset category ids (from cfg.DATASETS.TEST[0]'s metadata when it is
+    registered), keypoint names."""
+    from detectron2.data import MetadataCatalog
+
+    meta = {"input_format": cfg.INPUT.FORMAT, "min_size": int(cfg.INPUT.MIN_SIZE_TEST),
+            "max_size": int(cfg.INPUT.MAX_SIZE_TEST), "output_names": list(adapter.output_names),
+            "class_names": [], "category_ids": [], "keypoint_names": []}  # fmt: skip
+    if cfg.DATASETS.TEST and cfg.DATASETS.TEST[0] in MetadataCatalog.list():
+        dataset = MetadataCatalog.get(cfg.DATASETS.TEST[0])
+        meta["class_names"] = list(dataset.get("thing_classes", []))
+        to_contiguous = dataset.get("thing_dataset_id_to_contiguous_id", {})
+        meta["category_ids"] = [
+            int(k) for k, _ in sorted(to_contiguous.items(), key=lambda kv: kv[1])
+        ]
+        meta["keypoint_names"] = list(dataset.get("keypoint_names", []))
+    return meta
+
+
 def export_torchscript(adapter: ExportAdapter, image: torch.Tensor) -> torch.jit.ScriptModule:
-    """Traces ``adapter`` on ``image`` (3, H, W)
+    """Traces ``adapter`` on ``image`` (3, H, W); save it with :func:`save_torchscript`.
 
     check_trace is off: its re-run compares against a second eager run, which adds time but
-    no check of other inputs; verify with :func:`compare_outputs` on held-out images instead.
+    no check of other inputs; ``export_verify`` checks other sizes and images instead.
     """
     with torch.no_grad(), _quiet_tracing():
         return torch.jit.trace(adapter, (image,), check_trace=False)
 
 
-def export_onnx(
-    adapter: ExportAdapter, image: torch.Tensor, path: str, opset: int = ONNX_OPSET
+def save_torchscript(
+    module: torch.jit.ScriptModule, path: str, metadata: Optional[dict] = None
 ) -> None:
-    """Writes ``adapter`` traced on ``image`` as ONNX (TorchScript-based exporter: the dynamo
-    exporter needs onnxscript and cannot follow detectron2's Python structures). The input
-    size is fixed; the detection axis of every output is dynamic ("detections")."""
+    """Saves ``module`` with ``metadata`` (JSON) as its extra file ``mrcnn_plugin.json``."""
+    module.save(path, _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata or {})})
+
+
+def export_onnx(
+    adapter: ExportAdapter,
+    image: torch.Tensor,
+    path: str,
+    opset: int = ONNX_OPSET,
+    metadata: Optional[dict] = None,
+) -> None:
+    """Writes ``adapter`` traced on ``image`` as ONNX with the TorchScript-based exporter (see
+    the module docstring for why not the dynamo one). The input's height and width and the
+    detection axis of every output are dynamic. ``adapter`` must have keypoints_in_graph
+    False for a keypoint model. ``metadata`` (JSON) goes into the file's metadata_props."""
     if importlib.util.find_spec("onnx") is None:
         raise ImportError("ONNX export needs the onnx package (pip install onnx)", name="onnx")
+    import onnx
+
+    if adapter.keypoint_on and adapter.keypoints_in_graph:
+        raise ValueError("ONNX export of a keypoint model needs ExportAdapter(model, "
+                         "keypoints_in_graph=False)")  # fmt: skip
+    dynamic_axes = {"image": {1: "height", 2: "width"}}
+    dynamic_axes.update({name: {0: "detections"} for name in adapter.output_names})
     with torch.no_grad(), _quiet_tracing():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based export"
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script in detectron2
         torch.onnx.export(
             adapter,
             (image,),
             path,
             input_names=["image"],
             output_names=list(adapter.output_names),
-            dynamic_axes={name: {0: "detections"} for name in adapter.output_names},
+            dynamic_axes=dynamic_axes,
             opset_version=opset,
             dynamo=False,
         )
+    proto = onnx.load(path)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata or {})
+    onnx.save(proto, path)
+    onnx.checker.check_model(path)
+
+
+def nonstandard_onnx_ops(path: str) -> List[str]:
+    """ "domain::op" of every node (subgraphs included) outside the standard ONNX domain."""
+    import onnx
+
+    found = set()
+    graphs = [onnx.load(path).graph]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                found.add(f"{node.domain}::{node.op_type}")
+            graphs += [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return sorted(found)
 
 
 def load_exported(path: str) -> Callable[[torch.Tensor], List[torch.Tensor]]:
@@ -250,88 +364,3 @@ def build_exportable_model(cfg) -> GeneralizedRCNN:
     else:
         logger.warning("No MODEL.WEIGHTS given: exporting randomly initialised weights")
     return model
-
-
-def _exported_runner(path: str):
-    """(load_exported(path), None), or (None, why) when the file cannot be run here."""
-    if path.endswith(".onnx"):
-        try:
-            import onnx
-
-            onnx.checker.check_model(path)
-            return load_exported(path), None
-        except ImportError as e:
-            return None, f"not verified: {e.name} is not installed (pip install onnx onnxruntime)"
-    return load_exported(path), None
-
-
-def export_and_verify(
-    model: GeneralizedRCNN,
-    cfg,
-    fmt: str,
-    output_dir: str,
-    sample_images: Sequence[str],
-    atol: float = 1e-3,
-) -> dict:
-    """Exports ``model`` traced on the first sample image to ``output_dir``/FORMATS[fmt], then
-    runs the written file and the eager model on every sample image and compares them.
-
-    All sample images must have the traced input size after resizing (see the module
-    docstring). Writes and returns the report (also ``output_dir``/export_report.json):
-    ``{"format", "file", "input", "output_names", "atol", "ok", "images": [{"image",
-    "num_detections": [eager, exported], "max_abs_diff": {name: float}, "ok"}], ...}``;
-    "ok" is None when the file cannot be run here (ONNX without onnxruntime).
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {fmt!r}")
-    if not sample_images:
-        raise ValueError("at least one sample image is needed to trace the model")
-    adapter = ExportAdapter(model)
-    inputs = [load_image(cfg, path)[0] for path in sample_images]
-    shape = tuple(inputs[0].shape)
-    for path, image in zip(sample_images, inputs):
-        if tuple(image.shape) != shape:
-            raise ValueError(
-                f"{path} resizes to {tuple(image.shape)} but the model is traced at {shape}: "
-                "the exported graph has a fixed input size"
-            )
-    os.makedirs(output_dir, exist_ok=True)
-    path = os.path.join(output_dir, FORMATS[fmt])
-    if fmt == "torchscript":
-        export_torchscript(adapter, inputs[0]).save(path)
-    else:
-        export_onnx(adapter, inputs[0], path)
-    logger.info("Wrote %s (traced on %s, input %s)", path, sample_images[0], shape)
-
-    report = {
-        "format": fmt,
-        "file": path,
-        "traced_on": sample_images[0],
-        "input": {"name": "image", "shape": list(shape), "dtype": "float32"},
-        "input_format": cfg.INPUT.FORMAT,
-        "output_names": list(adapter.output_names),
-        "atol": atol,
-        "ok": None,
-        "images": [],
-    }
-    run_exported, reason = _exported_runner(path)
-    if run_exported is None:
-        report["skipped"] = reason
-        logger.warning("%s", reason)
-    else:
-        for image_path, image in zip(sample_images, inputs):
-            with torch.no_grad():
-                reference = list(adapter(image))
-            entry = {"image": image_path}
-            entry.update(compare_outputs(adapter.output_names, reference, run_exported(image)))
-            counts = entry["num_detections"]
-            diffs = entry["max_abs_diff"].values()
-            entry["ok"] = counts[0] == counts[1] and all(d <= atol for d in diffs)
-            report["images"].append(entry)
-        report["ok"] = all(entry["ok"] for entry in report["images"])
-        # Only images with another detection count than the tracing one test the dynamic axes.
-        counts = {entry["num_detections"][0] for entry in report["images"]}
-        report["detection_counts_vary"] = len(counts) > 1
-    with open(os.path.join(output_dir, REPORT_NAME), "w") as f:
-        json.dump(report, f, indent=2)
-    return report
