@@ -21,7 +21,9 @@ detection count in detectron2's heads; tracing records detectron2's trace-friend
 (tensor-valued sizes, anchors and padding), which then follow any input size.
 
 Limits of the traced graph (tracing records one run of the Python code), checked by
-``mrcnn_plugin.export_verify`` at other input sizes and detection counts than the traced ones:
+``mrcnn_plugin.export_verify`` at other input sizes and detection counts than the traced ones
+(the per-image splits by the traced proposal count, and GroupNorm on zero RoIs in ONNX, are
+fixed in the written graph: ``mrcnn_plugin.export_graph``):
     * data-dependent Python branches keep their trace-time outcome, e.g. detectron2's
       ``if not valid_mask.all()`` in fast_rcnn.py / proposal_utils.py (non-finite boxes are not
       dropped) and ``len(boxes) < 40000`` in layers/nms.py; config values such as
@@ -51,6 +53,11 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from .checkpoint import load_checkpoint
+from .export_graph import (
+    group_norm_for_empty_batches,
+    remove_single_piece_splits,
+    replace_single_output_splits,
+)
 from .modeling.poolers import roi_op_of_head
 
 __all__ = [
@@ -216,7 +223,9 @@ def export_torchscript(adapter: ExportAdapter, image: torch.Tensor) -> torch.jit
     no check of other inputs; ``export_verify`` checks other sizes and images instead.
     """
     with torch.no_grad(), _quiet_tracing():
-        return torch.jit.trace(adapter, (image,), check_trace=False)
+        module = torch.jit.trace(adapter, (image,), check_trace=False)
+    remove_single_piece_splits(module)  # per-image splits by the traced proposal count
+    return module
 
 
 def save_torchscript(
@@ -246,7 +255,7 @@ def export_onnx(
                          "keypoints_in_graph=False)")  # fmt: skip
     dynamic_axes = {"image": {1: "height", 2: "width"}}
     dynamic_axes.update({name: {0: "detections"} for name in adapter.output_names})
-    with torch.no_grad(), _quiet_tracing():
+    with torch.no_grad(), _quiet_tracing(), group_norm_for_empty_batches(opset):
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based export"
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script in detectron2
         torch.onnx.export(
@@ -260,6 +269,7 @@ def export_onnx(
             dynamo=False,
         )
     proto = onnx.load(path)
+    replace_single_output_splits(proto)
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata or {})
     onnx.save(proto, path)

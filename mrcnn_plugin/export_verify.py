@@ -73,8 +73,9 @@ def exported_results(
 
 
 def _mask_ious(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    inter = (a & b).reshape(len(a), -1).sum(1)
-    union = (a | b).reshape(len(a), -1).sum(1)
+    flat = (len(a), int(np.prod(a.shape[1:])))  # -1 cannot be inferred for 0 masks
+    inter = (a & b).reshape(flat).sum(1)
+    union = (a | b).reshape(flat).sum(1)
     return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 

@@ -14,6 +14,8 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from export_helpers import (
+    C4_CONFIG,
+    C4_OPTS,
     KEYPOINT_MASK_CONFIG,
     KEYPOINT_OPTS,
     SHAPES_OPTS,
@@ -184,13 +186,15 @@ def test_check_exportable_refuses_adaptive_max_pooling():
         check_exportable(cfg)
 
 
-@pytest.mark.parametrize("config", ["mask", "keypoint_mask"])
+@pytest.mark.parametrize("config", ["mask", "keypoint_mask", "mask_c4"])
 def test_torchscript_any_input_size(config, tmp_path):
     """The traced file, saved and loaded, matches eager at 4 other input sizes and aspect
     ratios than the traced one, through the numpy post-processing (pasted masks, rescaled
     boxes and keypoints): boxes 1e-3 px, scores 1e-4, classes, mask IoU 0.99, keypoints 0.5 px."""
     if config == "mask":
         cfg, model = _perturbed_model(SHAPES_CONFIG, OPTS)
+    elif config == "mask_c4":  # one input keeps fewer proposals than the traced one
+        cfg, model = _perturbed_model(C4_CONFIG, C4_OPTS)
     else:
         cfg, model = _perturbed_model(KEYPOINT_MASK_CONFIG, KEYPOINT_OPTS)
     adapter = ExportAdapter(model)

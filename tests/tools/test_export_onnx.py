@@ -1,0 +1,138 @@
+"""ONNX export (mrcnn_plugin.export, export_verify) checked against eager in ONNX Runtime.
+
+Every model is traced on one input size and checked at 4 others (different aspect ratios, and
+rescaled to larger original images) through the numpy post-processing of
+mrcnn_plugin/deploy/onnx_runner.py: the same detections and classes, boxes within 1e-3 px,
+scores within 1e-4, mask IoU >= 0.99 per instance, keypoints within 0.5 px. Random weights
+(perturbed, many detections per image) for Mask R-CNN FPN and C4, Keypoint R-CNN and
+keypoint + mask; briefly trained weights for many and zero detections, in ONNX and TorchScript.
+"""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from export_helpers import (
+    C4_CONFIG,
+    C4_OPTS,
+    KEYPOINT_CONFIG,
+    KEYPOINT_MASK_CONFIG,
+    KEYPOINT_OPTS,
+    SHAPES_OPTS,
+    as_input,
+    noise_input,
+    perturbed_model,
+    shapes_sample,
+    trained_shapes_model,
+)
+from tool_helpers import SHAPES_CONFIG
+
+from mrcnn_plugin.export import (
+    ExportAdapter,
+    export_onnx,
+    export_torchscript,
+    nonstandard_onnx_ops,
+    save_torchscript,
+)
+from mrcnn_plugin.export_verify import compare_results, verify_exported
+
+# The traced size, then model inputs (H, W) of other sizes and the original sizes they map to.
+TRACE_SIZE = (64, 64)
+OTHER_SIZES = [((48, 96), (96, 192)), ((96, 40), (96, 40)), ((72, 72), (144, 144)),
+               ((33, 57), (99, 171))]  # fmt: skip
+MODELS = {
+    "mask_fpn": (SHAPES_CONFIG, SHAPES_OPTS),
+    "mask_c4": (C4_CONFIG, C4_OPTS),
+    "keypoint_fpn": (KEYPOINT_CONFIG, KEYPOINT_OPTS),
+    "keypoint_mask_fpn": (KEYPOINT_MASK_CONFIG, KEYPOINT_OPTS),
+}
+
+
+def _export(model, fmt, trace_input, path):
+    adapter = ExportAdapter(model, keypoints_in_graph=fmt != "onnx")
+    if fmt == "onnx":
+        export_onnx(adapter, trace_input, path)
+    else:
+        save_torchscript(export_torchscript(adapter, trace_input), path)
+    return adapter.output_names
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_onnx_any_input_size_matches_eager(name, tmp_path):
+    cfg, model = perturbed_model(*MODELS[name])
+    path = str(tmp_path / "model.onnx")
+    names = _export(model, "onnx", noise_input(0, *TRACE_SIZE), path)
+    assert nonstandard_onnx_ops(path) == []
+    if cfg.MODEL.KEYPOINT_ON:
+        assert "pred_keypoints" not in names and names[-1] == "pred_keypoint_heatmaps"
+    inputs = [(f"{h}x{w}", noise_input(i + 1, h, w), size)
+              for i, ((h, w), size) in enumerate(OTHER_SIZES)]  # fmt: skip
+    entries = verify_exported(model, path, names, inputs)
+    for entry in entries:
+        assert entry["ok"], entry
+        assert entry["num_detections"][0] > 0, entry
+        assert ("mask_iou_min" in entry) == cfg.MODEL.MASK_ON
+        assert ("keypoints_max_abs_px" in entry) == cfg.MODEL.KEYPOINT_ON
+    assert len({e["num_detections"][0] for e in entries}) > 1, entries
+    if name == "mask_c4":  # the traced split by proposal count must not hold the graph back
+        counts = [_num_proposals(model, image) for _, image, _ in inputs]
+        assert min(counts) < _num_proposals(model, noise_input(0, *TRACE_SIZE)), counts
+
+
+def _num_proposals(model, image):
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": image}])
+        proposals, _ = model.proposal_generator(images, model.backbone(images.tensor), None)
+    return len(proposals[0])
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return trained_shapes_model()
+
+
+@pytest.fixture(scope="module")
+def trained_inputs():
+    """Shapes images resized to 5 sizes and aspect ratios, and a plain grey image."""
+    rng = np.random.default_rng(5)
+    inputs = []
+    for h, w in [(64, 64), (48, 96), (80, 60), (64, 100), (56, 56)]:
+        image = cv2.resize(shapes_sample(rng, 64)[0], (w, h))
+        inputs.append((f"shapes {h}x{w}", as_input(image), (2 * h, 2 * w)))
+    inputs.append(("grey 64x80", torch.full((3, 64, 80), 128.0), (64, 80)))
+    return inputs
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_trained_weights_many_and_zero_detections(fmt, trained, trained_inputs, tmp_path):
+    _, model = trained
+    path = str(tmp_path / f"model.{fmt}")
+    names = _export(model, fmt, trained_inputs[0][1], path)  # traced on the 64 x 64 image
+    entries = verify_exported(model, path, names, trained_inputs[1:])
+    for entry in entries:
+        assert entry["ok"], entry
+    counts = [e["num_detections"][0] for e in entries]
+    assert counts[-1] == 0, counts  # the grey image: empty outputs, no error
+    assert max(counts[:-1]) >= 5 and len(set(counts)) > 2, counts
+
+
+def test_compare_results_fails_on_each_tolerance():
+    """The comparison is not vacuous: each field past its tolerance fails the check."""
+    mask = np.zeros((1, 20, 20), bool)
+    mask[0, 2:12, 2:12] = True
+    reference = {"boxes": np.array([[2.0, 2.0, 12.0, 12.0]], np.float32),
+                 "scores": np.array([0.9], np.float32), "classes": np.array([1]),
+                 "masks": mask, "keypoints": np.array([[[5.0, 5.0, 0.3]]], np.float32)}  # fmt: skip
+    assert compare_results(reference, reference)["ok"]
+    changes = {
+        "boxes": reference["boxes"] + np.float32(2e-3),
+        "scores": reference["scores"] - np.float32(2e-4),
+        "classes": np.array([2]),
+        "masks": np.roll(mask, 1, axis=2),  # IoU 90/110
+        "keypoints": reference["keypoints"] + np.array([0.6, 0.0, 0.0], np.float32),
+    }
+    for name, value in changes.items():
+        assert not compare_results(reference, dict(reference, **{name: value}))["ok"], name
+    fewer = {k: v[:0] for k, v in reference.items()}
+    assert compare_results(reference, fewer)["num_detections"] == [1, 0]
+    assert not compare_results(reference, fewer)["ok"]
