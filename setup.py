@@ -33,12 +33,18 @@ setup(
             "mrcnn-benchmark=mrcnn_plugin.cli.benchmark:main",
             "mrcnn-plot-metrics=mrcnn_plugin.cli.plot_metrics:main",
             "mrcnn-export=mrcnn_plugin.cli.export:main",
+            # Full environment only; without torch run mrcnn_plugin/deploy/onnx_runner.py as a file.
+            "mrcnn-deploy=mrcnn_plugin.deploy.onnx_runner:main",
+            "mrcnn-reproduce=mrcnn_plugin.cli.reproduce:main",
         ],
     },
     extras_require={
-        # ONNX export (tools/export.py --format onnx) writes with onnx and verifies with
-        # onnxruntime; TorchScript export needs neither.
-        "export": ["onnx>=1.23", "onnxruntime>=1.30"],
+        # ONNX export (mrcnn-export --format onnx) writes with onnx and verifies with
+        # onnxruntime (installed by tools/install_env.sh); TorchScript export needs neither. The
+        # TorchScript-based ONNX exporter is used, so onnxscript (dynamo exporter) is not needed.
+        # Both resolve with detectron2 v0.6's numpy<1.24 (onnx 1.23.2, onnxruntime 1.32.0 and
+        # ml_dtypes 0.5.4 on numpy 1.23.5).
+        "export": ["onnx>=1.23,<1.24", "onnxruntime>=1.30,<1.33"],
         "dev": [
             "pytest>=7",  # the test suite
             "ruff==0.14.14",  # formatter and linter, pinned so CI formats like developers do

@@ -64,7 +64,7 @@ fi
 
 # The compiled-ops fallback is an ordinary (non-editable) install: it ships a .pth file.
 "${pip[@]}" --no-deps --force-reinstall "$root/csrc_fallback" 2>&1 | quiet
-"${pip[@]}" -e "$root[dev]" 2>&1 | quiet
+"${pip[@]}" -e "$root[dev,export]" 2>&1 | quiet
 
 # PointRend mixing needs detectron2's projects/, which a bare copy of detectron2/ lacks.
 if ! "$py" -c "import importlib.util as u, sys

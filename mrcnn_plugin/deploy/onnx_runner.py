@@ -62,8 +62,9 @@ def _paste_one(mask: np.ndarray, box: np.ndarray, height: int, width: int) -> Tu
     x1_int = min(int(np.ceil(box[2])) + 1, width)
     y1_int = min(int(np.ceil(box[3])) + 1, height)
     x0, y0, x1, y1 = (f32(v) for v in box)
-    gy = (np.arange(y0_int, y1_int, dtype=f32) + f32(0.5) - y0) / (y1 - y0) * f32(2) - f32(1)
-    gx = (np.arange(x0_int, x1_int, dtype=f32) + f32(0.5) - x0) / (x1 - x0) * f32(2) - f32(1)
+    with np.errstate(divide="ignore", invalid="ignore"):  # an empty box samples nothing
+        gy = (np.arange(y0_int, y1_int, dtype=f32) + f32(0.5) - y0) / (y1 - y0) * f32(2) - f32(1)
+        gx = (np.arange(x0_int, x1_int, dtype=f32) + f32(0.5) - x0) / (x1 - x0) * f32(2) - f32(1)
     m_h, m_w = mask.shape
     iy = ((gy + f32(1)) * f32(m_h) - f32(1)) / f32(2)  # grid_sample, align_corners=False
     ix = ((gx + f32(1)) * f32(m_w) - f32(1)) / f32(2)

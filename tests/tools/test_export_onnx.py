@@ -8,10 +8,17 @@ scores within 1e-4, mask IoU >= 0.99 per instance, keypoints within 0.5 px. Rand
 keypoint + mask; briefly trained weights for many and zero detections, in ONNX and TorchScript.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import cv2
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
+from detectron2.checkpoint import DetectionCheckpointer
 from export_helpers import (
     C4_CONFIG,
     C4_OPTS,
@@ -19,22 +26,29 @@ from export_helpers import (
     KEYPOINT_MASK_CONFIG,
     KEYPOINT_OPTS,
     SHAPES_OPTS,
+    TRAINED_OPTS,
     as_input,
     noise_input,
     perturbed_model,
     shapes_sample,
     trained_shapes_model,
 )
-from tool_helpers import SHAPES_CONFIG
+from tool_helpers import ROOT, SHAPES_CONFIG, run_tool
 
 from mrcnn_plugin.export import (
     ExportAdapter,
     export_onnx,
     export_torchscript,
+    load_image,
     nonstandard_onnx_ops,
     save_torchscript,
 )
-from mrcnn_plugin.export_verify import compare_results, verify_exported
+from mrcnn_plugin.export_verify import (
+    REPORT_NAME,
+    compare_results,
+    eager_results,
+    verify_exported,
+)
 
 # The traced size, then model inputs (H, W) of other sizes and the original sizes they map to.
 TRACE_SIZE = (64, 64)
@@ -136,3 +150,78 @@ def test_compare_results_fails_on_each_tolerance():
     fewer = {k: v[:0] for k, v in reference.items()}
     assert compare_results(reference, fewer)["num_detections"] == [1, 0]
     assert not compare_results(reference, fewer)["ok"]
+
+
+BLOCKER = '''
+import sys
+
+class _Blocked:
+    """Refuses torch, torchvision, detectron2 and the project's package: a deployment host."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "detectron2", "mrcnn_plugin"):
+            raise ImportError(f"{name} is not installed on this deployment host")
+        return None
+
+sys.meta_path.insert(0, _Blocked())
+'''
+
+
+def test_cli_onnx_export_and_torch_free_runner(trained, tmp_path):
+    """mrcnn-export --format onnx on images of 5 sizes (a grey one without detections), then
+    the runner in a process that cannot import torch or detectron2: its COCO JSON matches the
+    eager model on the original images (resize, graph and post-processing all in numpy)."""
+    cfg, model = trained
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("trained")
+    rng = np.random.default_rng(7)
+    paths = []
+    for i, (h, w) in enumerate([(64, 64), (96, 48), (60, 150), (128, 100)]):
+        paths.append(str(tmp_path / f"shapes{i}.png"))
+        cv2.imwrite(paths[-1], cv2.resize(shapes_sample(rng, 64)[0], (w, h)))
+    paths.append(str(tmp_path / "grey.png"))
+    cv2.imwrite(paths[-1], np.full((70, 90, 3), 128, np.uint8))
+    out = tmp_path / "export"
+    proc = run_tool([
+        "tools/export.py", "--config-file", SHAPES_CONFIG, "--format", "onnx",
+        "--output", str(out), "--sample-image", *paths[1:], "--trace-image", paths[0],
+        "--opts", *TRAINED_OPTS, "MODEL.WEIGHTS", str(tmp_path / "trained.pth"),
+    ])  # fmt: skip
+    assert "MISMATCH" not in proc.stdout
+    with open(out / REPORT_NAME) as f:
+        report = json.load(f)
+    assert report["ok"] is True and report["nonstandard_ops"] == []
+    assert report["verified_sizes_other_than_traced"] == 4
+    assert report["images"][-1]["num_detections"] == [0, 0]
+
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCKER)
+    env = dict(os.environ, PYTHONPATH=str(blocker), PYTHONWARNINGS="ignore")
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
+    assert check.returncode != 0 and b"not installed on this deployment host" in check.stderr
+    runner = os.path.join(ROOT, "mrcnn_plugin", "deploy", "onnx_runner.py")
+    pred = tmp_path / "pred"
+    subprocess.run(
+        [sys.executable, runner, "--model", str(out / "model.onnx"), "--input", *paths,
+         "--output", str(pred), "--threads", "1"],
+        env=env, cwd=str(tmp_path), check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    with open(pred / "predictions.json") as f:
+        coco = json.load(f)
+    assert [image["file_name"] for image in coco["images"]] == paths
+    for image_id, path in enumerate(paths, start=1):
+        assert os.path.isfile(pred / (os.path.splitext(os.path.basename(path))[0] + ".png"))
+        image, size = load_image(cfg, path)
+        expected = eager_results(model, image, size)
+        found = [a for a in coco["annotations"] if a["image_id"] == image_id]
+        assert len(found) == len(expected["scores"])
+        for k, entry in enumerate(found):
+            x0, y0, w, h = entry["bbox"]
+            assert np.abs(np.array([x0, y0, x0 + w, y0 + h]) - expected["boxes"][k]).max() <= 1e-3
+            assert abs(entry["score"] - expected["scores"][k]) <= 1e-4
+            assert entry["category_id"] == expected["classes"][k] + 1
+            mask = mask_util.decode(mask_util.frPyObjects(entry["segmentation"], *size)) > 0
+            reference = expected["masks"][k]
+            assert (mask & reference).sum() >= 0.99 * (mask | reference).sum()
+    assert len(expected["scores"]) == 0  # the last image, grey
+    assert len(coco["annotations"]) >= 5
