@@ -1,5 +1,5 @@
-"""Synthetic data sets named in a config: "mrcnn_shapes_<split>", "mrcnn_persons_<split>" (or
-another "<prefix>_<split>" starting with those) are generated under
+"""Synthetic data sets named in a config: "mrcnn_shapes_<split>", "mrcnn_persons_<split>",
+"mrcnn_thin_shapes_<split>" (or another "<prefix>_<split>" starting with those) are generated under
 ``<data_root>/<prefix without "mrcnn_">`` when missing and registered by
 :func:`register_synthetic_datasets`; nothing happens at import.
 """
@@ -13,11 +13,16 @@ from detectron2.data import MetadataCatalog
 from .persons import persons_metadata
 from .register import register_synthetic
 from .shapes import shapes_metadata
+from .thin_shapes import register_thin_shapes, thin_shapes_metadata
 
 logger = logging.getLogger(__name__)
 
 # Data-set name prefix -> the kind register_synthetic understands.
-SYNTHETIC_PREFIXES = {"mrcnn_shapes": "shapes", "mrcnn_persons": "persons"}
+SYNTHETIC_PREFIXES = {
+    "mrcnn_shapes": "shapes",
+    "mrcnn_persons": "persons",
+    "mrcnn_thin_shapes": "thin_shapes",  # thin_shapes.py: the reproduction's data
+}
 DEFAULT_DATA_ROOT = os.environ.get("MRCNN_DATASETS", "datasets")
 
 
@@ -65,7 +70,10 @@ def register_synthetic_datasets(
             root = os.path.join(data_root, prefix[len("mrcnn_") :])
             kwargs = _register_kwargs(kind, cfg, sizes)
             logger.info("Registering synthetic data set %s_* from %s (%s)", prefix, root, kwargs)
-            register_synthetic(kind, root=root, prefix=prefix, **kwargs)
+            if kind == "thin_shapes":
+                register_thin_shapes(root=root, prefix=prefix, **kwargs)
+            else:
+                register_synthetic(kind, root=root, prefix=prefix, **kwargs)
             done.add(prefix)
         registered.append(name)
     return registered
@@ -85,6 +93,8 @@ def dataset_metadata(cfg, name: Optional[str]):
     if parsed is not None and not metadata.get("thing_classes"):
         if parsed[0] == "shapes":
             metadata.set(**shapes_metadata(cfg.MODEL.ROI_HEADS.NUM_CLASSES))
+        elif parsed[0] == "thin_shapes":
+            metadata.set(**thin_shapes_metadata())
         else:
             metadata.set(**persons_metadata())
     return metadata

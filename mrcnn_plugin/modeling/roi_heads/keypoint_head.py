@@ -50,8 +50,10 @@ class MRCNNKeypointHead(KRCNNConvDeconvUpsampleHead):
 
     def layers(self, x: torch.Tensor) -> torch.Tensor:
         """(R, C, P, P) features -> (R, K, 4P, 4P) heatmap logits, float32 also under bfloat16
-        autocast so the S^2-way softmax of the loss and of the scores stays accurate."""
-        return super().layers(x).float()
+        autocast so the S^2-way softmax of the loss and of the scores stays accurate.
+        Contiguous: detectron2's loss ``view``s them, and channels-last RoI features (RoIPool's,
+        on the channels-last CPU model) would give channels-last heatmaps it cannot view."""
+        return super().layers(x).float().contiguous()
 
     def forward(self, x: torch.Tensor, instances: List[Instances]):
         """detectron2's forward: ``{"loss_keypoint": scalar}`` in training; in inference
