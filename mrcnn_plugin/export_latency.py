@@ -4,8 +4,8 @@
 threads, the eager model's ``forward`` (which returns pasted masks and decoded keypoints) and
 ONNX Runtime's CPU execution provider on the exported graph, alone and followed by the numpy
 post-processing that gives the same results (``mrcnn_plugin.deploy.onnx_runner.postprocess``).
-Each figure is the median of ``runs`` timed runs after ``warmup`` untimed ones, measured in the
-same process, with the CPU model, so the ratio is the number to quote.
+Each figure is the median of ``runs`` timed runs after ``warmup`` untimed ones, the three taking
+turns in the same process, with the CPU model printed, so the ratio is the number to quote.
 
     python -m mrcnn_plugin.export_latency --config-file CFG --onnx out/model.onnx \\
         --image a.png --threads 1 --runs 10 [--opts MODEL.WEIGHTS model.pth ...]
@@ -16,7 +16,7 @@ import json
 import platform
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -38,15 +38,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _median_ms(fn: Callable[[], object], runs: int, warmup: int) -> float:
+def _interleaved_medians_ms(fns: Dict[str, Callable[[], object]], runs: int, warmup: int):
+    """Median ms of each function, run in turns (one of each per round) so that a change of
+    load on a shared machine reaches all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000.0 * statistics.median(t) for name, t in times.items()}
 
 
 def measure_onnx_vs_eager(
@@ -83,13 +87,20 @@ def measure_onnx_vs_eager(
             def eager():
                 return model([{"image": image}])[0]["instances"]
 
-            eager_ms = _median_ms(eager, runs, warmup)
+            medians = _interleaved_medians_ms(
+                {
+                    "eager": eager,
+                    "onnx": lambda: predictor.run(array),
+                    "onnx_postprocess": lambda: postprocess(predictor.run(array), size),
+                },
+                runs,
+                warmup,
+            )
             num_eager = len(eager())
     finally:
         torch.set_num_threads(previous_threads)
-    onnx_ms = _median_ms(lambda: predictor.run(array), runs, warmup)
-    onnx_post_ms = _median_ms(lambda: postprocess(predictor.run(array), size), runs, warmup)
     num_onnx = len(postprocess(predictor.run(array), size)["scores"])
+    eager_ms, onnx_ms, onnx_post_ms = (medians[k] for k in ("eager", "onnx", "onnx_postprocess"))
     return {
         "cpu": cpu_model(),
         "threads": num_threads,
