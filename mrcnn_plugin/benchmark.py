@@ -121,3 +121,106 @@ def measure(cfg, state_dict, mode: str, images: int, height: int, width: int,
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"median_s": statistics.median(times), "peak_mib": peak_mib}
+
+
+# --- Inference contenders (one image, interleaved repeats; see mrcnn_plugin/cli/benchmark.py) ---
+
+INFERENCE_OPTS = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.WEIGHTS", ""]
+TORCHVISION_MODELS = {  # config file name -> torchvision builder and its keyword arguments
+    "mask_rcnn_R_50_FPN_1x.yaml": ("maskrcnn_resnet50_fpn", {"num_classes": 81}),
+    "mask_rcnn_R_50_FPN_3x.yaml": ("maskrcnn_resnet50_fpn", {"num_classes": 81}),
+    "keypoint_rcnn_R_50_FPN_1x.yaml": ("keypointrcnn_resnet50_fpn", {"num_classes": 2}),
+    "keypoint_rcnn_R_50_FPN_3x.yaml": ("keypointrcnn_resnet50_fpn", {"num_classes": 2}),
+}
+
+
+def benchmark_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """The (3, H, W) uint8 image every contender runs on: smooth random blobs (a few octaves
+    of upsampled noise), so features and proposals look less uniform than white noise."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.zeros(1, 3, height, width)
+    for cells in (4, 16, 64):
+        noise = torch.rand(1, 3, cells, cells * width // height + 1, generator=g)
+        image += torch.nn.functional.interpolate(noise, (height, width), mode="bilinear")
+    image = (image - image.amin()) / (image.amax() - image.amin()) * 255
+    return image[0].round().to(torch.uint8)
+
+
+@torch.no_grad()
+def calibrate_norm_statistics(model: torch.nn.Module, run) -> int:
+    """Sets the running mean and variance of every frozen/eval batch norm of ``model`` to the
+    per-channel statistics of its input during one call of ``run()``, in forward order, so a
+    randomly initialised network keeps unit-scale activations (without this, detectron2's
+    random R50 features reach ~2000 and every proposal degenerates to the whole image).
+    Returns how many norms were set."""
+    import torchvision
+    from detectron2.layers import FrozenBatchNorm2d
+
+    kinds = (FrozenBatchNorm2d, torchvision.ops.FrozenBatchNorm2d, torch.nn.BatchNorm2d)
+
+    def set_stats(module, args):
+        x = args[0].float()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3)))
+
+    hooks = [
+        m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, kinds)
+    ]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return len(hooks)
+
+
+def build_torchvision_contender(config_file: str):
+    """torchvision's counterpart of ``config_file`` (random weights, detectron2's test settings:
+    score threshold 0, 100 detections, 800-1333 resizing), or None if it has none."""
+    import os
+
+    import torchvision
+
+    entry = TORCHVISION_MODELS.get(os.path.basename(config_file))
+    if entry is None:
+        return None
+    name, kwargs = entry
+    builder = getattr(torchvision.models.detection, name)
+    torch.manual_seed(0)
+    return builder(
+        weights=None, weights_backbone=None, box_score_thresh=0.0, box_detections_per_img=100,
+        **kwargs,
+    ).eval()  # fmt: skip
+
+
+def torchvision_inputs(image: torch.Tensor):
+    """torchvision's input for detectron2's BGR uint8 ``image``: RGB float in [0, 1]."""
+    return [image.flip(0).float() / 255]
+
+
+def count_detections(output) -> int:
+    if isinstance(output, list) and output and "instances" in output[0]:
+        return len(output[0]["instances"])
+    return int(output[0]["boxes"].shape[0])
+
+
+def inference_cfg(config_file: str, opts: List[str], builtin: bool, mode: str = "exact"):
+    """The frozen cfg a contender runs: score threshold 0, no weights file, CPU, ``mode``."""
+    extra = INFERENCE_OPTS + ["MODEL.DEVICE", "cpu", "MODEL.MRCNN.INFERENCE_MODE", mode]
+    return load_cfg(config_file, list(opts) + extra, builtin)
+
+
+def image_batch(image: torch.Tensor):
+    return [{"image": image, "height": image.shape[1], "width": image.shape[2]}]
+
+
+def save_shared_weights(config_file: str, opts: List[str], image_size, path: str) -> None:
+    """Random weights (seed 0) of the config's model, with batch-norm statistics set on the
+    benchmark image (:func:`calibrate_norm_statistics`), saved to ``path`` for every
+    detectron2/plugin contender."""
+    torch.manual_seed(0)
+    model = build_model(inference_cfg(config_file, opts, builtin=False)).eval()
+    batch = image_batch(benchmark_image(*image_size))
+    with torch.no_grad():
+        calibrate_norm_statistics(model, lambda: model(batch))
+    torch.save(model.state_dict(), path)

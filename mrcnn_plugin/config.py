@@ -67,6 +67,10 @@ def add_mrcnn_config(cfg):
     mrcnn.MASK_LOSS = "sigmoid"
     # Hidden fc widths of the MLP mask head (Table 2e), used by "MRCNNMLPMaskHead".
     mrcnn.MASK_MLP_DIMS = [1024, 1024]
+    # Inference on the CPU (mrcnn_plugin/engine/inference_modes.py): "exact" (float32, same
+    # results as detectron2), "fast" (bfloat16 where the CPU has it) or "quantized" (int8
+    # backbone where it has VNNI/AMX). Training never uses it.
+    mrcnn.INFERENCE_MODE = "exact"
     # Training data the project did not make: bad images/annotations (DATALOADER.MRCNN).
     add_data_validation_config(cfg)
     return cfg

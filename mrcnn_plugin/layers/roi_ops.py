@@ -302,3 +302,128 @@ class RoIWarp(nn.Module):
             f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
             f"sampling_ratio={self.sampling_ratio}, aggregation={self.aggregation!r}"
         )
+
+
+def _axis_taps(start, bin_size, grid, out: int, size: int, max_grid: int):
+    """1-D bilinear taps of RoIAlign's samples along one axis, as torchvision's kernel
+    computes them: (R, out, max_grid * 2) indices and weights, the weights divided by the
+    RoI's ``grid`` (the axis' share of the bin average) and 0 for samples outside the map."""
+    bins = torch.arange(out, dtype=start.dtype, device=start.device)
+    slots = torch.arange(max_grid, dtype=start.dtype, device=start.device)
+    g = grid.to(start.dtype).clamp(min=1)[:, None, None]
+    step = bin_size[:, None, None]
+    pos = start[:, None, None] + bins[None, :, None] * step + (slots + 0.5) * (step / g)
+    valid = (pos >= -1.0) & (pos <= size)
+    pos = pos.clamp(min=0)
+    low = pos.long()  # pos >= 0: truncation is floor, as the kernel's (int) cast
+    at_edge = low >= size - 1
+    low = low.clamp(max=size - 1)
+    frac = torch.where(at_edge, 0.0, pos - low)
+    high = torch.where(at_edge, low, low + 1)
+    scale = valid / g
+    index = torch.stack([low, high], dim=-1).flatten(2)
+    weight = torch.stack([(1 - frac) * scale, frac * scale], dim=-1).flatten(2)
+    return index, weight
+
+
+def roi_align_nhwc(
+    input: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: OutputSize,
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool = True,
+) -> torch.Tensor:
+    """Average RoIAlign with torchvision's sampling rule (see the module doc), computed as
+    one weighted gather-sum of channel vectors per bin (``F.embedding_bag``).
+
+    torchvision's CPU kernel walks every channel of every RoI serially; here the bilinear
+    taps of a bin are computed once, and each tap reads a contiguous C-vector of the map in
+    channels-last layout, so the sum is vectorized over channels, runs on all intra-op
+    threads, and works in the input's dtype (bfloat16 included) without an upcast. The
+    summation order differs from torchvision's, so outputs agree to float rounding.
+    Inference only (no autograd to ``rois``). Shapes as in :func:`roi_align`; the result is
+    (R, C, out_h, out_w) in channels-last memory format.
+    """
+    out_h, out_w = _pair(output_size)
+    n, c, height, width = input.shape
+    r = rois.shape[0]
+    if r == 0 or input.numel() == 0:
+        return input.new_zeros((r, c, out_h, out_w))
+    table = input.permute(0, 2, 3, 1).reshape(n * height * width, c)  # a view if NHWC
+    boxes = rois.float()  # sample positions in float32, as the kernel for every dtype
+    offset = 0.5 if aligned else 0.0
+    x0, y0 = boxes[:, 1] * spatial_scale - offset, boxes[:, 2] * spatial_scale - offset
+    roi_w = boxes[:, 3] * spatial_scale - offset - x0
+    roi_h = boxes[:, 4] * spatial_scale - offset - y0
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_h, bin_w = roi_h / out_h, roi_w / out_w
+    if sampling_ratio > 0:
+        grid_h = torch.full((r,), sampling_ratio, dtype=torch.long, device=rois.device)
+        grid_w = grid_h
+    else:
+        grid_h = torch.ceil(bin_h).long().clamp(min=0)
+        grid_w = torch.ceil(bin_w).long().clamp(min=0)
+    # RoIs with like grids share one set of tap shapes (a few groups per level); the groups'
+    # bags go to one embedding_bag call in grouped order, then back to the RoIs' order.
+    key = grid_h.clamp(min=1) * (int(grid_w.max()) + 2) + grid_w.clamp(min=1)
+    order = torch.argsort(key, stable=True)
+    keys, counts = torch.unique_consecutive(key[order], return_counts=True)
+    indices, weights, lengths = [], [], []
+    begin = 0
+    for size in counts.tolist():
+        sel = order[begin : begin + size]
+        begin += size
+        gh, gw = max(int(grid_h[sel[0]]), 1), max(int(grid_w[sel[0]]), 1)
+        iy, wy = _axis_taps(y0[sel], bin_h[sel], grid_h[sel], out_h, height, gh)
+        ix, wx = _axis_taps(x0[sel], bin_w[sel], grid_w[sel], out_w, width, gw)
+        base = boxes[sel, 0].long() * (height * width)
+        # (R, out_h, out_w, 2 gh, 2 gw) taps of each bin.
+        rows = (base[:, None, None] + iy * width)[:, :, None, :, None]
+        indices.append((rows + ix[:, None, :, None, :]).flatten())
+        weights.append((wy[:, :, None, :, None] * wx[:, None, :, None, :]).flatten())
+        lengths.append(torch.full((size * out_h * out_w,), 4 * gh * gw, dtype=torch.long))
+    lengths = torch.cat(lengths)
+    offsets = torch.cumsum(lengths, 0) - lengths
+    pooled = F.embedding_bag(
+        torch.cat(indices),
+        table,
+        offsets.to(rois.device),
+        mode="sum",
+        per_sample_weights=torch.cat(weights).to(table.dtype),
+    )
+    pooled = pooled.view(r, out_h, out_w, c)
+    if len(counts) > 1:
+        pooled = pooled.index_select(0, torch.argsort(order))
+    return pooled.permute(0, 3, 1, 2)
+
+
+class NHWCRoIAlign(nn.Module):
+    """Module form of :func:`roi_align_nhwc` (average RoIAlign for inference), with the
+    attributes of :class:`RoIAlign`; ``forward(input (N,C,H,W), rois (R,5))``."""
+
+    def __init__(
+        self,
+        output_size: OutputSize,
+        spatial_scale: float,
+        sampling_ratio: int = 0,
+        aligned: bool = True,
+    ):
+        super().__init__()
+        self.output_size = _pair(output_size)
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = bool(aligned)
+
+    def forward(self, input: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        rois = _prepare_rois(input, rois)
+        return roi_align_nhwc(
+            input, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+            f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}"
+        )

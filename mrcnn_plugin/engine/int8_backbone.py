@@ -1,0 +1,93 @@
+"""int8 ResNet stages and FPN convolutions for the "quantized" inference mode.
+
+PyTorch's FX graph-mode post-training quantization (``torch.ao.quantization.quantize_fx``)
+with the "x86" backend's default config: per-channel symmetric int8 weights, per-tensor uint8
+activations observed by histogram on a few calibration images, convolutions fused with their
+ReLU and residual add where the graph allows, run by oneDNN/FBGEMM kernels that use VNNI and
+AMX-INT8. detectron2's ``Conv2d`` is first turned into ``nn.Conv2d`` (FrozenBatchNorm already
+folded into it), which FX can trace. Each ResNet stage and each FPN conv becomes one quantized
+module with float32 in and out, so the FPN's top-down additions, the RPN and the RoI heads keep
+running in float32 (bfloat16 under "fast"'s autocast).
+"""
+
+from typing import List
+
+import torch
+from detectron2.layers import Conv2d
+from torch import nn
+from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+__all__ = ["plain_convs", "quantize_backbone"]
+
+
+@torch.no_grad()
+def _as_plain(conv: Conv2d) -> nn.Module:
+    if conv.norm is not None:
+        raise ValueError("quantize_backbone needs FrozenBatchNorm folded (fold_frozen_batchnorm)")
+    plain = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
+    )  # fmt: skip
+    plain.weight.copy_(conv.weight)
+    plain.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(conv.out_channels))
+    plain = plain.to(memory_format=torch.channels_last)
+    if conv.activation is None:
+        return plain
+    if conv.activation in (torch.relu, nn.functional.relu, nn.functional.relu_):
+        return nn.Sequential(plain, nn.ReLU())
+    raise ValueError(f"cannot quantize a Conv2d with activation {conv.activation!r}")
+
+
+def plain_convs(module: nn.Module) -> nn.Module:
+    """Replaces detectron2 ``Conv2d`` modules in ``module`` (and ``module`` itself) by
+    ``nn.Conv2d`` (+ ``nn.ReLU``) with the same weights; returns the new ``module``."""
+    if isinstance(module, Conv2d):
+        return _as_plain(module)
+    for name, child in module.named_children():
+        setattr(module, name, plain_convs(child))
+    return module
+
+
+def _quantizable_units(backbone: nn.Module):
+    """(owner, attribute name, public list holding it or None, index) of each unit to
+    quantize: the bottom-up network's children (stem, res2..res5) and the FPN's convs."""
+    bottom_up = getattr(backbone, "bottom_up", backbone)
+    stages = getattr(bottom_up, "stages", None)
+    for name, child in bottom_up.named_children():
+        in_list = stages if stages is not None and any(s is child for s in stages) else None
+        index = [i for i, s in enumerate(in_list) if s is child][0] if in_list else None
+        yield bottom_up, name, in_list, index
+    for list_name in ("lateral_convs", "output_convs"):
+        convs = getattr(backbone, list_name, None) or []
+        for index, conv in enumerate(convs):
+            name = next(n for n, c in backbone.named_children() if c is conv)
+            yield backbone, name, convs, index
+
+
+def _replace(owner, name, in_list, index, new):
+    setattr(owner, name, new)
+    if in_list is not None:
+        in_list[index] = new
+
+
+def quantize_backbone(model: nn.Module, calibration: List[dict], bf16: bool = False) -> int:
+    """Quantizes ``model.backbone`` in place (see the module doc), observing activation
+    ranges on ``calibration`` (batched-input dicts) run through the whole float32 model.
+    Returns how many units were quantized."""
+    torch.backends.quantized.engine = "x86"
+    qconfig = get_default_qconfig_mapping("x86")
+    units = list(_quantizable_units(model.backbone))
+    prepared = []
+    for owner, name, in_list, index in units:
+        unit = plain_convs(getattr(owner, name)).eval()
+        example = None  # FX traces symbolically; the example only guides some backends
+        unit = prepare_fx(unit, qconfig, example_inputs=(example,))
+        _replace(owner, name, in_list, index, unit)
+        prepared.append((owner, name, in_list, index, unit))
+    with torch.no_grad():
+        for inputs in calibration:
+            model([inputs])
+    for owner, name, in_list, index, unit in prepared:
+        _replace(owner, name, in_list, index, convert_fx(unit))
+    return len(prepared)
