@@ -82,6 +82,23 @@ def _max_over_subbins(
     return F.max_pool2d(samples, kernel_size=(gh, gw), stride=(gh, gw))
 
 
+def _roi_geometry(rois: torch.Tensor, spatial_scale: float, aligned: bool):
+    """(x0, y0, width, height) of each RoI in feature coordinates, as the kernels compute them:
+    shifted by -0.5 when ``aligned``, else Detectron's legacy minimum size of 1x1."""
+    offset = 0.5 if aligned else 0.0
+    x0, y0 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    roi_w = (rois[:, 3] * spatial_scale - offset) - x0
+    roi_h = (rois[:, 4] * spatial_scale - offset) - y0
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    return x0, y0, roi_w, roi_h
+
+
+def _adaptive_grid(roi_size: torch.Tensor, out: int) -> torch.Tensor:
+    """The kernels' samples per bin along one axis for sampling_ratio <= 0."""
+    return torch.ceil(roi_size / out).clamp(min=0).long()
+
+
 def _roi_align_max(
     input: torch.Tensor,
     rois: torch.Tensor,
@@ -98,14 +115,8 @@ def _roi_align_max(
     # does. RoIs are grouped by grid size, one vectorized call per group; bins of an empty
     # RoI (grid 0) have no samples and stay 0, as torchvision's average gives.
     out_h, out_w = out_hw
-    offset = 0.5 if aligned else 0.0
-    roi_w = (rois[:, 3] * spatial_scale - offset) - (rois[:, 1] * spatial_scale - offset)
-    roi_h = (rois[:, 4] * spatial_scale - offset) - (rois[:, 2] * spatial_scale - offset)
-    if not aligned:
-        # Detectron's legacy rule: malformed RoIs are forced to be at least 1x1.
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
-    grid_h = torch.ceil(roi_h / out_h).clamp(min=0).long()
-    grid_w = torch.ceil(roi_w / out_w).clamp(min=0).long()
+    _, _, roi_w, roi_h = _roi_geometry(rois, spatial_scale, aligned)
+    grid_h, grid_w = _adaptive_grid(roi_h, out_h), _adaptive_grid(roi_w, out_w)
 
     output = input.new_zeros((rois.shape[0], input.shape[1], out_h, out_w))
     # Adding an empty sum (exactly 0) keeps the result in input's autograd graph even when
@@ -352,19 +363,13 @@ def roi_align_nhwc(
         return input.new_zeros((r, c, out_h, out_w))
     table = input.permute(0, 2, 3, 1).reshape(n * height * width, c)  # a view if NHWC
     boxes = rois.float()  # sample positions in float32, as the kernel for every dtype
-    offset = 0.5 if aligned else 0.0
-    x0, y0 = boxes[:, 1] * spatial_scale - offset, boxes[:, 2] * spatial_scale - offset
-    roi_w = boxes[:, 3] * spatial_scale - offset - x0
-    roi_h = boxes[:, 4] * spatial_scale - offset - y0
-    if not aligned:
-        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    x0, y0, roi_w, roi_h = _roi_geometry(boxes, spatial_scale, aligned)
     bin_h, bin_w = roi_h / out_h, roi_w / out_w
     if sampling_ratio > 0:
         grid_h = torch.full((r,), sampling_ratio, dtype=torch.long, device=rois.device)
         grid_w = grid_h
     else:
-        grid_h = torch.ceil(bin_h).long().clamp(min=0)
-        grid_w = torch.ceil(bin_w).long().clamp(min=0)
+        grid_h, grid_w = _adaptive_grid(roi_h, out_h), _adaptive_grid(roi_w, out_w)
     # RoIs with like grids share one set of tap shapes (a few groups per level); the groups'
     # bags go to one embedding_bag call in grouped order, then back to the RoIs' order.
     key = grid_h.clamp(min=1) * (int(grid_w.max()) + 2) + grid_w.clamp(min=1)
