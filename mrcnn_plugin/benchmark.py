@@ -199,6 +199,8 @@ def torchvision_inputs(image: torch.Tensor):
 
 
 def count_detections(output) -> int:
+    if isinstance(output, dict):  # the ONNX runner's results
+        return int(output["scores"].shape[0])
     if isinstance(output, list) and output and "instances" in output[0]:
         return len(output[0]["instances"])
     return int(output[0]["boxes"].shape[0])

@@ -8,6 +8,9 @@ weights give few confident detections; 0 gives the 100 of TEST.DETECTIONS_PER_IM
 
 * ``detectron2``: detectron2's built-in model of the config, float32;
 * ``plugin <mode>`` for each ``--mode`` (exact, fast, quantized; MODEL.MRCNN.INFERENCE_MODE);
+* ``onnxruntime``: the plugin's float32 model exported as ``mrcnn-export --format onnx`` does,
+  in ONNX Runtime's CPU execution provider with the same threads, plus the torch-free
+  runner's numpy mask pasting and keypoint decoding (``--no-onnx`` leaves it out);
 * ``torchvision fp32`` / ``torchvision bf16`` (autocast + channels-last, where the CPU has
   bfloat16 units): torchvision's model of the same architecture, its own random weights.
 
@@ -22,7 +25,9 @@ alike. The floor is the model's FLOPs (fvcore) over this CPU's best measured con
 """
 
 import argparse
+import importlib.util
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -37,6 +42,7 @@ DEFAULT_CONFIGS = (
     "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
     "configs/COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml",
 )
+logger = logging.getLogger(__name__)
 IMPLEMENTATIONS = ("plugin", "detectron2")  # the training comparison
 _TAG = "@@mrcnn-benchmark "
 
@@ -49,6 +55,7 @@ def parse_args(argv=None):
         choices=("exact", "fast", "quantized"), help="the plugin's inference modes to run",
     )  # fmt: skip
     parser.add_argument("--no-torchvision", action="store_true")
+    parser.add_argument("--no-onnx", action="store_true", help="no ONNX Runtime row")
     parser.add_argument("--task", choices=("inference", "train", "both"), default="inference")
     parser.add_argument("--image-size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
     parser.add_argument("--threads", type=int, default=2)
@@ -120,6 +127,11 @@ def _contenders(args, config_file):
     from ..engine.cpu_features import has_bf16
 
     names = ["detectron2"] + [f"plugin {m}" for m in args.mode]
+    if not args.no_onnx:
+        if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+            names.append("onnxruntime")
+        else:
+            logger.warning("No ONNX Runtime row: onnx/onnxruntime are not installed")
     if not args.no_torchvision and os.path.basename(config_file) in TORCHVISION_MODELS:
         names += ["torchvision fp32"] + (["torchvision bf16"] if has_bf16() else [])
     return names + ["floor"]

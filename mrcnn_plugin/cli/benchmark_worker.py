@@ -1,6 +1,7 @@
 """One contender of ``mrcnn-benchmark`` in its own process (``--worker``): it builds and warms
 up its model, then answers "run" with one timed inference and "quit" with its peak RSS."""
 
+import os
 import resource
 import sys
 import time
@@ -48,6 +49,8 @@ def _build(contender: str, config_file: str, weights: str, args, opts):
             model, cfg.MODEL.MRCNN.INFERENCE_MODE, calibration=calibration
         )
         return lambda: model(batch), {"mode": model.mode}
+    if contender == "onnxruntime":
+        return _build_onnxruntime(config_file, weights, image, args, opts)
     # torchvision fp32 / bf16 (autocast + channels-last)
     model = build_torchvision_contender(config_file)
     inputs = torchvision_inputs(image)
@@ -62,6 +65,25 @@ def _build(contender: str, config_file: str, weights: str, args, opts):
 
         return once, {"mode": "bf16"}
     return lambda: model(inputs), {"mode": "fp32"}
+
+
+def _build_onnxruntime(config_file: str, weights: str, image: torch.Tensor, args, opts):
+    """The plugin's float32 model on the shared weights, exported as ``mrcnn-export --format
+    onnx`` does, run by ONNX Runtime's CPU execution provider with ``args.threads`` threads and
+    the numpy post-processing (mask pasting, keypoint decoding) of the torch-free runner: the
+    counterpart of the eager model's forward."""
+    from detectron2.modeling import build_model
+
+    from ..deploy.onnx_runner import OnnxPredictor, postprocess
+    from ..export import ExportAdapter, export_onnx
+
+    model = build_model(inference_cfg(config_file, opts, builtin=False)).eval()
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    path = os.path.splitext(weights)[0] + ".onnx"
+    export_onnx(ExportAdapter(model, keypoints_in_graph=False), image, path)
+    predictor = OnnxPredictor(path, num_threads=args.threads)
+    array, size = image.numpy(), tuple(image.shape[1:])
+    return lambda: postprocess(predictor.run(array), size), {"mode": "fp32"}
 
 
 def serve(contender: str, config_file: str, weights: str, args, opts, send) -> None:

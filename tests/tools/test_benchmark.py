@@ -73,3 +73,24 @@ def test_format_table_ratios():
               "rates": {"fp32": 100.0, "bf16": 400.0}}  # fmt: skip
     table = format_table(result, "cpu")
     assert "0.250x" in table and "2.00 (bf16)" in table
+
+
+def test_benchmark_reports_onnxruntime_beside_eager(tmp_path, capsys):
+    """mrcnn-benchmark end to end on a tiny model: the ONNX Runtime row (exported from the same
+    weights, same image and threads) sits beside the eager contenders and finds the same
+    detections as the plugin's eager float32 model."""
+    import json
+
+    from mrcnn_plugin.cli import benchmark
+
+    out = tmp_path / "rows.json"
+    benchmark.main(["--config-file", SHAPES_CONFIG, "--mode", "exact", "--no-torchvision",
+                    "--image-size", "64", "96", "--threads", "1", "--warmup", "1",
+                    "--repeats", "2", "--json-output", str(out), *TINY_OPTS])  # fmt: skip
+    table = capsys.readouterr().out
+    rows = {r["contender"]: r for r in json.loads(out.read_text())["inference"][0]["rows"]}
+    assert set(rows) == {"detectron2", "plugin exact", "onnxruntime"}
+    onnx, eager = rows["onnxruntime"], rows["plugin exact"]
+    assert onnx["mode"] == "fp32" and len(onnx["runs_s"]) == 2 and onnx["median_s"] > 0
+    assert onnx["detections"] == eager["detections"] == rows["detectron2"]["detections"] > 0
+    assert any(line.startswith("onnxruntime ") for line in table.splitlines())
