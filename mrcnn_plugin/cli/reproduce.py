@@ -4,10 +4,13 @@ components at CPU size on the synthetic data, and report them beside the paper.
     mrcnn-reproduce                                   # every table, 2 seeds, full schedule
     mrcnn-reproduce --tables 2c,2d --seeds 3          # two tables, seeds 0, 1, 2
     mrcnn-reproduce --schedule smoke --seeds 1        # a few iterations: checks the set-up
+    mrcnn-reproduce --seeds 0, & mrcnn-reproduce --seeds 1,   # one process per seed, then
+    mrcnn-reproduce --seeds 2 --report-only                   # the report over both
     mrcnn-reproduce --report-only                     # redraw the report from results.json
 
 Writes to --output-dir: results.json (after every run; an interrupted reproduction started
-again with the same flags resumes with the first run that has no result), report.md (the
+again with the same flags resumes with the first run that has no result; several processes may
+share the folder), report.md (the
 measured table beside the paper's numbers, each direction marked reproduced or not), chart.png
 (AP per variant, with the spread over seeds) and runs/<schedule>/<variant>_s<seed>/ (each
 run's log and COCO evaluation). The synthetic data go under --data-root/reproduce_<schedule>.
@@ -19,6 +22,8 @@ import os
 import sys
 import time
 from typing import List, Optional
+
+import torch
 
 from ..reproduce import SCHEDULES, bar_chart, load_results, markdown, parse_tables, run_all
 from ..reproduce.runner import ResultsFileError, machine_info
@@ -61,6 +66,13 @@ def main(argv: Optional[List[str]] = None):
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="full")
     parser.add_argument("--output-dir", default="output/reproduce")
     parser.add_argument("--data-root", default=DEFAULT_DATA_ROOT)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared CPU, OpenMP threads that wait on "
+        "each other were >10x slower per step than one thread; measured in README)",
+    )
     parser.add_argument("--report-only", action="store_true", help="no training: report only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
@@ -70,6 +82,9 @@ def main(argv: Optional[List[str]] = None):
     except ValueError as e:
         parser.error(str(e))
     schedule = SCHEDULES[args.schedule]
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     try:

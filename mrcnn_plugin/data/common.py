@@ -12,6 +12,7 @@ The manifest is removed before a (re)generation starts and written only after ev
 JSON file is in place, so an interrupted run never leaves files that a later run would trust.
 """
 
+import fcntl
 import functools
 import json
 import os
@@ -261,6 +262,16 @@ def ensure_generated(
     """
     root = os.path.abspath(root)
     params = {"version": GENERATOR_VERSION, **params}
+    os.makedirs(root, exist_ok=True)
+    # Under an exclusive lock: processes started together on one root (mrcnn-reproduce, one
+    # per seed) generate it once, the others wait and reuse it.
+    with open(os.path.join(root, ".generate.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _generate_unless_matching(root, kind, params, render, categories, num_keypoints, force)
+    return {split: split_paths(root, split) for split in SPLITS}
+
+
+def _generate_unless_matching(root, kind, params, render, categories, num_keypoints, force):
     if force or not _manifest_matches(root, kind, params, num_keypoints):
         manifest_path = os.path.join(root, MANIFEST_NAME)
         if os.path.exists(manifest_path):
@@ -273,7 +284,6 @@ def ensure_generated(
             n = params[f"num_{split}"]
             _write_split(root, split, n, params["seed"], render, categories, info)
         write_json(manifest_path, {"generator": kind, "params": params})
-    return {split: split_paths(root, split) for split in SPLITS}
 
 
 def check_params(**params) -> None:

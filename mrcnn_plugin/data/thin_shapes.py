@@ -2,12 +2,14 @@
 features costs a large share of a mask's IoU (the reproduction's data, ``mrcnn-reproduce``).
 
 Each image holds 1-4 objects of three classes: "ring" (an annulus), "bar" (a rotated thin
-rectangle) and "cross" (two crossing thin bars), 2-5 px thick and 14-50 px across at 128 px,
+rectangle) and "cross" (two crossing thin bars), 14-60 px across at 128 px, with strokes a
+quarter to two fifths of the half extent (2-10 px),
 drawn in distinct colours on the textured backgrounds of the other synthetic sets. Objects do
 not overlap (each placement keeps a 2 px gap to the earlier ones, re-drawn up to a few times or
-left out), so every mask is its object's painted pixels. With strokes this thin, a mask
-misplaced by one pixel drops below IoU 0.75, which is why mask AP75 separates the RoI ops
-(paper Table 2c/2d) here more than on the solid shapes.
+left out), so every mask is its object's painted pixels. On a stroke of 2-4 px a mask shifted
+by one pixel drops below IoU 0.75, and RoIPool's rounding to the stride-16 grid shifts the
+features by up to 8 px, which is why mask AP75 separates the RoI ops (paper Table 2c/2d) here
+more than on the solid shapes.
 """
 
 import functools
@@ -85,7 +87,10 @@ def render_thin_shapes_image(
     for _ in range(int(rng.integers(1, MAX_INSTANCES + 1))):
         cls = int(rng.integers(len(THIN_CLASSES)))
         radius = rng.uniform(7, 25) * scale
-        thickness = max(int(round(rng.uniform(2, 5) * scale)), 1)
+        # Strokes a quarter to two fifths of the half extent (2-10 px at 128 px): thin enough
+        # that a RoI shifted by a fraction of a stride-16 cell misses most of the stroke, thick
+        # enough that a 14x14 mask target (the C4 head's) still holds it.
+        thickness = max(int(round(radius * rng.uniform(0.25, 0.4))), 2)
         color = distinct_color(rng, avoid + [layer[2] for layer in layers])
         for _ in range(_PLACEMENT_TRIES):
             center = rng.uniform(radius + 1, image_size - radius - 1, 2)
@@ -126,6 +131,7 @@ def generate_thin_shapes(
         image_size=(image_size, 32, 4096),
     )
     params = {
+        "stroke": "0.25-0.4 radius",  # a different drawing than the first thin shapes
         "seed": int(seed),
         "num_train": int(num_train),
         "num_val": int(num_val),

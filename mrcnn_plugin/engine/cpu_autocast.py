@@ -12,22 +12,12 @@ import time
 import torch
 from detectron2.engine import SimpleTrainer, TrainerBase
 
-__all__ = ["CPUAutocastTrainer", "cpu_has_bf16"]
+from .cpu_features import cpu_has_bf16
 
-BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (AVX-512 / AMX) and Arm names
+__all__ = ["CPUAutocastTrainer", "cpu_has_bf16"]
 
 # v0.6: write_metrics(loss_dict, data_time, prefix); main adds cur_iter before prefix.
 _METRICS_TAKE_ITER = "cur_iter" in inspect.signature(SimpleTrainer.write_metrics).parameters
-
-
-def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """True when the CPU lists a native bfloat16 instruction set among its flags."""
-    try:
-        with open(cpuinfo) as f:
-            lines = [line for line in f if line.startswith(("flags", "Features"))]
-    except OSError:  # not Linux: no way to tell, so stay in float32
-        return False
-    return any(BF16_CPU_FLAGS & set(line.split(":", 1)[-1].split()) for line in lines)
 
 
 class CPUAutocastTrainer(TrainerBase):

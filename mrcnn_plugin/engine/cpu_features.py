@@ -10,9 +10,8 @@ instead (e.g. a copy without the flags, to run the fallbacks on a CPU that has t
 import os
 from typing import Optional, Set
 
-from .cpu_autocast import cpu_has_bf16
-
 __all__ = [
+    "BF16_CPU_FLAGS",
     "CPUINFO_ENV",
     "INT8_CPU_FLAGS",
     "cpu_flags",
@@ -25,6 +24,7 @@ __all__ = [
 ]
 
 CPUINFO_ENV = "MRCNN_PLUGIN_CPUINFO"
+BF16_CPU_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (AVX-512 / AMX) and Arm names
 INT8_CPU_FLAGS = {"avx512_vnni", "avx_vnni", "amx_int8"}
 _SHOWN = (
     ("AMX-BF16", "amx_bf16"),
@@ -77,5 +77,9 @@ def describe_cpu(cpuinfo: Optional[str] = None) -> str:
     return f"{cpu_model(cpuinfo)}, {torch.get_num_threads()} threads; {features}"
 
 
-def has_bf16(cpuinfo: Optional[str] = None) -> bool:
-    return cpu_has_bf16(cpuinfo_path(cpuinfo))
+def cpu_has_bf16(cpuinfo: Optional[str] = None) -> bool:
+    """True when the CPU lists a native bfloat16 instruction set among its flags."""
+    return bool(BF16_CPU_FLAGS & cpu_flags(cpuinfo))
+
+
+has_bf16 = cpu_has_bf16

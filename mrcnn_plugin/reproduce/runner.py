@@ -7,6 +7,7 @@ A run's detectron2 log and COCO evaluation files are under ``runs/<schedule>/<va
 """
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -75,11 +76,25 @@ def load_results(output_dir: str) -> dict:
     return data
 
 
-def save_results(output_dir: str, data: dict) -> None:
+def save_result(output_dir: str, key: str, result: dict, machine: dict) -> dict:
+    """Adds one run's result to results.json and returns the file's new content.
+
+    Re-read under an exclusive lock and merged, so several ``mrcnn-reproduce`` processes can
+    share one output folder (e.g. ``--seeds 0,`` and ``--seeds 1,`` on two cores) without one
+    overwriting the other's results. Written to a temporary file and renamed: never truncated,
+    even when killed mid-write.
+    """
     path = os.path.join(output_dir, RESULTS_NAME)
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)  # never a truncated file, even when killed mid-write
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load_results(output_dir)
+        data.setdefault("machine", machine)
+        data["runs"][key] = result
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    return data
 
 
 def build_run_cfg(
@@ -179,7 +194,7 @@ def run_all(
     results. ``progress(total, done)`` makes a progress bar (tqdm's interface), or None."""
     os.makedirs(output_dir, exist_ok=True)
     data = load_results(output_dir)
-    data.setdefault("machine", machine_info())
+    machine = machine_info()
     todo = pending_runs(data, schedule, variants, seeds)
     total = len(variants) * len(seeds)
     bar = progress(total=total, initial=total - len(todo)) if progress else None
@@ -188,8 +203,7 @@ def run_all(
             bar.set_postfix_str(f"{variant.key} seed {seed}")
         run_dir = os.path.join(output_dir, "runs", schedule.name, f"{variant.key}_s{seed}")
         result = train_and_evaluate(variant, seed, schedule, run_dir, data_root, opts)
-        data["runs"][run_key(schedule, variant, seed)] = result
-        save_results(output_dir, data)
+        data = save_result(output_dir, run_key(schedule, variant, seed), result, machine)
         logger.info(
             "%s seed %d: %s (train %.0f s, eval %.0f s)",
             variant.key,
@@ -202,4 +216,5 @@ def run_all(
             bar.update(1)
     if bar is not None:
         bar.close()
+    data.setdefault("machine", machine)
     return data
