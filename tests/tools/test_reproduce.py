@@ -39,10 +39,11 @@ def test_smoke_run_resumes_and_reports(tmp_path, data_root, monkeypatch, capsys)
 
     # Started again, it trains only what has no result: here nothing, then the one removed.
     trained = []
+    saved = dict(results["runs"])
 
     def fake_run(variant, seed, schedule, run_dir, data_root, opts=()):
         trained.append((variant.key, seed))
-        return results["runs"][f"smoke/{variant.key}/seed{seed}"]
+        return saved[f"smoke/{variant.key}/seed{seed}"]
 
     monkeypatch.setattr(runner, "train_and_evaluate", fake_run)
     cli.main(args)
