@@ -2,21 +2,39 @@
 
 import logging
 import os
-from typing import List
+from typing import List, Optional, Sequence
 
 import cv2
+import numpy as np
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.visualizer import ColorMode, Visualizer
 
 from .checkpoint import load_checkpoint
+from .engine.inference_modes import prepare_for_inference
 
 logger = logging.getLogger(__name__)
 
 
-def strict_predictor(cfg) -> DefaultPredictor:
+def predictor_input(predictor: DefaultPredictor, image_bgr: np.ndarray) -> dict:
+    """The model input ``predictor(image_bgr)`` builds: its test-time resize and format."""
+    image = image_bgr[:, :, ::-1] if predictor.input_format == "RGB" else image_bgr
+    height, width = image.shape[:2]
+    resized = predictor.aug.get_transform(image).apply_image(image)
+    tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+    return {"image": tensor, "height": height, "width": width}
+
+
+def strict_predictor(
+    cfg, inference_mode: Optional[str] = None, calibration_images: Sequence[np.ndarray] = ()
+) -> DefaultPredictor:
     """``DefaultPredictor(cfg)`` with cfg.MODEL.WEIGHTS loaded by ``load_checkpoint``, which
-    raises for keys that do not fit where DefaultPredictor's own loading only warns."""
+    raises for keys that do not fit where DefaultPredictor's own loading only warns.
+
+    ``inference_mode`` (exact, fast, quantized; see ``engine.inference_modes``) transforms the
+    loaded model for CPU inference; None leaves it as detectron2 builds it. "quantized"
+    calibrates on ``calibration_images`` (BGR uint8 arrays)."""
     weights = cfg.MODEL.WEIGHTS
     cfg = cfg.clone()
     cfg.defrost()
@@ -26,6 +44,11 @@ def strict_predictor(cfg) -> DefaultPredictor:
         load_checkpoint(predictor.model, weights)
     else:
         logger.warning("No MODEL.WEIGHTS given: predicting with randomly initialised weights")
+    if inference_mode is not None:
+        calibration = [predictor_input(predictor, image) for image in calibration_images]
+        predictor.model = prepare_for_inference(
+            predictor.model, inference_mode, calibration=calibration
+        )
     return predictor
 
 

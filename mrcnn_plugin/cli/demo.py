@@ -3,6 +3,7 @@
     mrcnn-demo --config-file CFG --input img1.png 'photos/*.jpg' folder/ --output out/ \\
         --opts MODEL.WEIGHTS output/model_final.pth
     mrcnn-demo --config-file CFG --video-input clip.mp4 --output out/ --opts MODEL.WEIGHTS W
+    mrcnn-demo --config-file CFG --input photos/ --output out/ --mode fast --opts MODEL.WEIGHTS W
 
 Writes into --output: one ``<image name>.png`` per image (masks, boxes, class names and scores,
 keypoint skeletons when the model predicts keypoints) and ``results.json``; for a video,
@@ -36,11 +37,13 @@ from ..config import build_cfg
 from ..data.catalog import dataset_metadata
 from ..data.image_io import read_image_checked
 from ..data.validation import BadImageError
+from ..engine.inference_modes import INFERENCE_MODES
 from ..visualize import draw_predictions, strict_predictor
 from .common import reports_bad_input
 
 logger = logging.getLogger("mrcnn_plugin.demo")
 
+CALIBRATION_IMAGES = 4  # int8 ranges of --mode quantized: a handful of the inputs
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -61,6 +64,14 @@ def argument_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="minimum score of the detections kept (drawn and written)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=INFERENCE_MODES,
+        help="CPU inference mode: exact (float32, detectron2's results), fast (bfloat16 where "
+        "the CPU has AMX/AVX512-BF16) or quantized (int8 backbone where it has VNNI/AMX, "
+        f"calibrated on the first {CALIBRATION_IMAGES} --input images); default: the model as "
+        "detectron2 builds it",
     )
     parser.add_argument(
         "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ..."
@@ -90,13 +101,29 @@ def expand_inputs(items: List[str]) -> List[str]:
     return list(dict.fromkeys(paths))
 
 
-def setup_predictor(config_file: str, opts: List[str], threshold: float):
-    """Builds the predictor, MODEL.WEIGHTS loaded strictly. Returns (predictor, cfg)."""
+def calibration_images(paths: List[str]) -> List:
+    """The first readable of ``paths`` (at most CALIBRATION_IMAGES), BGR, for "quantized"."""
+    images = []
+    for path in paths:
+        try:
+            images.append(read_image_checked(path, format="BGR"))
+        except BadImageError:
+            continue  # reported when the images are run
+        if len(images) == CALIBRATION_IMAGES:
+            break
+    return images
+
+
+def setup_predictor(config_file: str, opts: List[str], threshold: float, mode=None, calibration=()):
+    """Builds the predictor, MODEL.WEIGHTS loaded strictly, in inference ``mode`` when given.
+    Returns (predictor, cfg)."""
     cfg = build_cfg(config_file, opts)
     cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = threshold
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = threshold
+    if mode is not None:
+        cfg.MODEL.MRCNN.INFERENCE_MODE = mode
     cfg.freeze()
-    return strict_predictor(cfg), cfg
+    return strict_predictor(cfg, mode, calibration), cfg
 
 
 def coco_results(instances, image_id: int, file_name: str, metadata) -> List[dict]:
@@ -200,7 +227,12 @@ def main(argv: Optional[List[str]] = None):
     for name in ("detectron2", "fvcore", "mrcnn_plugin"):
         setup_logger(name=name)
     paths = expand_inputs(args.input)
-    predictor, cfg = setup_predictor(args.config_file, args.opts, args.confidence_threshold)
+    calibration = calibration_images(paths) if args.mode == "quantized" else []
+    if args.mode == "quantized" and not calibration:
+        parser.error("--mode quantized calibrates on --input images: give at least one")
+    predictor, cfg = setup_predictor(
+        args.config_file, args.opts, args.confidence_threshold, args.mode, calibration
+    )
     metadata = dataset_metadata(cfg, cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
     os.makedirs(args.output, exist_ok=True)
     with torch.no_grad():

@@ -4,14 +4,14 @@ components at CPU size on the synthetic data, and report them beside the paper.
     mrcnn-reproduce                                   # every table, 2 seeds, full schedule
     mrcnn-reproduce --tables 2c,2d --seeds 3          # two tables, seeds 0, 1, 2
     mrcnn-reproduce --schedule smoke --seeds 1        # a few iterations: checks the set-up
-    mrcnn-reproduce --seeds 0, & mrcnn-reproduce --seeds 1,   # one process per seed, then
-    mrcnn-reproduce --seeds 2 --report-only                   # the report over both
+    mrcnn-reproduce --jobs 2 --threads 1              # two trainings at a time (default:
+                                                      # one per core, at most one per seed)
     mrcnn-reproduce --report-only                     # redraw the report from results.json
 
 Writes to --output-dir: results.json (after every run; an interrupted reproduction started
 again with the same flags resumes with the first run that has no result; several processes may
-share the folder), report.md (the
-measured table beside the paper's numbers, each direction marked reproduced or not), chart.png
+share the folder), report.md (the measured table beside the paper's numbers, each direction
+marked reproduced or not), chart.png
 (AP per variant, with the spread over seeds) and runs/<schedule>/<variant>_s<seed>/ (each
 run's log and COCO evaluation). The synthetic data go under --data-root/reproduce_<schedule>.
 """
@@ -70,8 +70,13 @@ def main(argv: Optional[List[str]] = None):
         "--threads",
         type=int,
         default=1,
-        help="torch intra-op threads (default 1: on a shared CPU, OpenMP threads that wait on "
-        "each other were >10x slower per step than one thread; measured in README)",
+        help="torch intra-op threads of each training (default 1; --jobs runs several)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        help="trainings at a time, each in its own process with --threads threads (default: "
+        "one per CPU core, at most one per seed)",
     )
     parser.add_argument("--report-only", action="store_true", help="no training: report only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -84,6 +89,10 @@ def main(argv: Optional[List[str]] = None):
     schedule = SCHEDULES[args.schedule]
     if args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.jobs is None:
+        args.jobs = max(1, min(len(args.seeds), (os.cpu_count() or 1) // args.threads))
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -107,6 +116,7 @@ def _reproduce(args, tables, schedule):
             os.path.join(args.data_root, f"reproduce_{schedule.name}"),
             args.opts,
             progress=None if args.no_progress else _progress,
+            jobs=args.jobs,
         )
     report = markdown(data, schedule, args.seeds, tables)
     machine = data.get("machine") or machine_info()

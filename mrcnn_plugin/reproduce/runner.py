@@ -1,5 +1,6 @@
-"""Trains and evaluates the reproduction's runs (variant x seed) one after the other, writing
-``results.json`` after each, so that an interrupted reproduction resumes where it stopped.
+"""Trains and evaluates the reproduction's runs (variant x seed), one after the other or
+``jobs`` at a time in worker processes, writing ``results.json`` after each, so that an
+interrupted reproduction resumes where it stopped.
 
 ``results.json``: {"runs": {"<schedule>/<variant>/seed<k>": {"metrics": {"segm/AP": ...},
 "train_seconds": ..., "eval_seconds": ..., "config": ..., "builtin": ...}}, "machine": ...}.
@@ -11,9 +12,11 @@ import fcntl
 import json
 import logging
 import math
+import multiprocessing
 import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -23,7 +26,7 @@ from ..benchmark import use_builtin_components
 from ..config import build_cfg
 from ..data.catalog import register_synthetic_datasets
 from ..engine import MRCNNTrainer
-from ..engine.cpu_autocast import cpu_has_bf16
+from ..engine.cpu_features import cpu_has_bf16
 from .variants import Schedule, Variant
 
 logger = logging.getLogger(__name__)
@@ -181,6 +184,33 @@ def pending_runs(data: dict, schedule: Schedule, variants: List[Variant], seeds:
     return [(v, s) for s in seeds for v in variants if run_key(schedule, v, s) not in data["runs"]]
 
 
+def _run_and_save(variant, seed, schedule, output_dir, data_root, opts, machine):
+    """One run, its result merged into results.json; returns (variant, seed, result)."""
+    run_dir = os.path.join(output_dir, "runs", schedule.name, f"{variant.key}_s{seed}")
+    result = train_and_evaluate(variant, seed, schedule, run_dir, data_root, opts)
+    save_result(output_dir, run_key(schedule, variant, seed), result, machine)
+    return variant, seed, result
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _finished_runs(todo, jobs: int, threads: int, run_args: tuple):
+    """Yields (variant, seed, result) as runs finish: in this process, or in ``jobs`` spawned
+    workers of ``threads`` torch threads each (one training per core: on a small CPU, two
+    one-thread trainings finish sooner than one two-thread training after the other)."""
+    if jobs == 1:
+        for variant, seed in todo:
+            yield _run_and_save(variant, seed, *run_args)
+        return
+    context = multiprocessing.get_context("spawn")  # a fresh torch and detectron2 per worker
+    with ProcessPoolExecutor(jobs, context, _worker_init, (threads,)) as pool:
+        futures = [pool.submit(_run_and_save, v, s, *run_args) for v, s in todo]
+        for future in as_completed(futures):
+            yield future.result()
+
+
 def run_all(
     variants: List[Variant],
     seeds: List[int],
@@ -189,21 +219,22 @@ def run_all(
     data_root: str,
     opts: Sequence[str] = (),
     progress: Optional[Callable] = None,
+    jobs: int = 1,
 ) -> dict:
-    """Trains every (variant, seed) that has no result in ``output_dir`` yet; returns all
-    results. ``progress(total, done)`` makes a progress bar (tqdm's interface), or None."""
+    """Trains every (variant, seed) that has no result in ``output_dir`` yet, ``jobs`` at a
+    time (each worker with torch's current thread count); returns all results.
+    ``progress(total, initial)`` makes a progress bar (tqdm's interface), or None."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     os.makedirs(output_dir, exist_ok=True)
     data = load_results(output_dir)
     machine = machine_info()
     todo = pending_runs(data, schedule, variants, seeds)
     total = len(variants) * len(seeds)
     bar = progress(total=total, initial=total - len(todo)) if progress else None
-    for variant, seed in todo:
-        if bar is not None:
-            bar.set_postfix_str(f"{variant.key} seed {seed}")
-        run_dir = os.path.join(output_dir, "runs", schedule.name, f"{variant.key}_s{seed}")
-        result = train_and_evaluate(variant, seed, schedule, run_dir, data_root, opts)
-        data = save_result(output_dir, run_key(schedule, variant, seed), result, machine)
+    run_args = (schedule, output_dir, data_root, tuple(opts), machine)
+    finished = _finished_runs(todo, min(jobs, max(len(todo), 1)), torch.get_num_threads(), run_args)
+    for variant, seed, result in finished:
         logger.info(
             "%s seed %d: %s (train %.0f s, eval %.0f s)",
             variant.key,
@@ -213,8 +244,10 @@ def run_all(
             result["eval_seconds"],
         )
         if bar is not None:
+            bar.set_postfix_str(f"last: {variant.key} seed {seed}")
             bar.update(1)
     if bar is not None:
         bar.close()
+    data = load_results(output_dir)
     data.setdefault("machine", machine)
     return data

@@ -182,3 +182,53 @@ def test_synthetic_metadata_needs_no_files():
     assert split_synthetic_name("mrcnn_persons_small_train") == ("persons", "mrcnn_persons_small")
     assert split_synthetic_name("coco_2017_val") is None
     assert split_synthetic_name("mrcnn_shapes_test") is None
+
+
+def _results(folder):
+    with open(folder / "results.json") as f:
+        return json.load(f)
+
+
+def _demo(tmp_path, weights, images, name, *extra):
+    out = tmp_path / name
+    main(["--config-file", SHAPES_CONFIG, "--input", *images, "--output", str(out),
+          "--confidence-threshold", str(THRESHOLD), *extra,
+          "--opts", *TINY_OPTS, "MODEL.WEIGHTS", weights])  # fmt: skip
+    return _results(out)
+
+
+def test_demo_inference_modes(tmp_path, weights, caplog, monkeypatch):
+    """--mode exact gives the model's own detections (up to float rounding); fast and quantized
+    fall back with one log line on a CPU without the units, and quantized runs (int8 backbone,
+    calibrated on the inputs) where the CPU reports VNNI."""
+    from mrcnn_plugin.engine.cpu_features import CPUINFO_ENV
+
+    (tmp_path / "in").mkdir()
+    images, _ = _write_inputs(tmp_path / "in")
+    plain = _demo(tmp_path, weights, images, "plain")
+    exact = _demo(tmp_path, weights, images, "exact", "--mode", "exact")
+    assert len(exact) == len(plain) > 0
+    for det in exact:  # tied scores may swap order: match each to one of the same image
+        same = [d for d in plain if d["image_id"] == det["image_id"]
+                and d["category_id"] == det["category_id"]
+                and np.allclose(d["bbox"], det["bbox"], atol=1e-3)
+                and abs(d["score"] - det["score"]) < 1e-4]  # fmt: skip
+        assert same, det
+
+    plain_cpu = tmp_path / "cpuinfo_avx2"
+    plain_cpu.write_text("processor\t: 0\nmodel name\t: test CPU\nflags\t\t: sse2 avx2 fma\n")
+    monkeypatch.setenv(CPUINFO_ENV, str(plain_cpu))
+    with caplog.at_level(logging.WARNING, logger="mrcnn_plugin"):
+        fast = _demo(tmp_path, weights, images, "fast", "--mode", "fast")
+    assert "'fast' runs as 'exact'" in caplog.text
+    assert len(fast) == len(exact)
+
+    vnni_cpu = tmp_path / "cpuinfo_vnni"
+    vnni_cpu.write_text("processor\t: 0\nmodel name\t: test CPU\nflags\t\t: avx2 avx512_vnni\n")
+    monkeypatch.setenv(CPUINFO_ENV, str(vnni_cpu))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mrcnn_plugin"):
+        quantized = _demo(tmp_path, weights, images, "quantized", "--mode", "quantized")
+    assert "Inference mode 'quantized'" in caplog.text
+    for det in quantized:
+        _check_detection(det, images)

@@ -96,3 +96,19 @@ def test_verdict(better, worse, delta, expected):
     assert result == expected
     assert diff == pytest.approx(sum(better) / 2 - sum(worse) / 2)
     assert report.verdict(Direction("a", "c", "segm/AP", delta), values)[0] == "no data"
+
+
+def test_parallel_jobs_write_every_result(tmp_path, data_root):
+    """--jobs 2: the runs are shared by two worker processes, which merge their results into
+    one results.json (under its lock) and generate the data once (under the data lock)."""
+    out = str(tmp_path / "parallel")
+    cli.main(["--tables", "2d", "--seeds", "2", "--schedule", "smoke", "--jobs", "2",
+              "--output-dir", out, "--data-root", data_root, "--no-progress"])  # fmt: skip
+    runs = runner.load_results(out)["runs"]
+    assert sorted(runs) == [f"smoke/{v}/seed{s}" for v in ("c5_roialign", "c5_roipool")
+                            for s in (0, 1)]  # fmt: skip
+    for run in runs.values():
+        assert run["iterations"] == SCHEDULES["smoke"].max_iter
+        assert run["metrics"]["bbox/AP"] is not None
+    with open(os.path.join(out, "report.md")) as f:
+        assert "| RoIAlign | 2 |" in f.read()

@@ -15,10 +15,10 @@ from mrcnn_plugin.engine.cpu_features import CPUINFO_ENV
 from mrcnn_plugin.reproduce.runner import build_run_cfg
 from mrcnn_plugin.reproduce.variants import SCHEDULES, VARIANTS
 
-# float32 as well for these: each RoI op (pool, warp max/avg, align max/avg) and head (FCN,
-# MLP, softmax, class-agnostic, keypoint) appears at least once.
-FLOAT32_TOO = {"c4", "c4_roipool", "c4_roiwarp_max", "c4_roiwarp_avg", "c4_roialign_max",
-               "c5_roipool", "fpn_mlp2", "c4_softmax", "c4_agnostic", "kp_roipool"}  # fmt: skip
+# float32 as well for these: RoIPool, RoIWarp and max RoIAlign (average RoIAlign and the FCN
+# head are in every other test's float32 training), the MLP, softmax and keypoint heads.
+FLOAT32_TOO = {"c4_roipool", "c4_roiwarp_max", "c4_roialign_max", "c4_softmax", "fpn_mlp2",
+               "kp_roipool"}  # fmt: skip
 CASES = [(key, "bf16") for key in VARIANTS] + [(key, "float32") for key in sorted(FLOAT32_TOO)]
 
 
@@ -42,8 +42,8 @@ def test_config_trains_a_few_steps(key, precision, tmp_path, data_root, monkeypa
     assert isinstance(trainer.step_runner, CPUAutocastTrainer) == (precision == "bf16")
     trainer.resume_or_load(resume=False)
     trainer.train()
-    assert trainer.iter == 1
     history = trainer.storage.histories()
+    assert len(history["total_loss"].values()) == 2  # both iterations ran
     losses = [name for name in history if name.startswith("loss_")]
     expected = {"loss_mask"} if cfg.MODEL.MASK_ON else {"loss_keypoint"}
     assert expected <= set(losses), losses
