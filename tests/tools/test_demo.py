@@ -197,7 +197,7 @@ def _demo(tmp_path, weights, images, name, *extra):
     return _results(out)
 
 
-def test_demo_inference_modes(tmp_path, weights, caplog, monkeypatch):
+def test_demo_inference_modes(tmp_path, weights, capsys, monkeypatch):
     """--mode exact gives the model's own detections (up to float rounding); fast and quantized
     fall back with one log line on a CPU without the units, and quantized runs (int8 backbone,
     calibrated on the inputs) where the CPU reports VNNI."""
@@ -218,17 +218,28 @@ def test_demo_inference_modes(tmp_path, weights, caplog, monkeypatch):
     plain_cpu = tmp_path / "cpuinfo_avx2"
     plain_cpu.write_text("processor\t: 0\nmodel name\t: test CPU\nflags\t\t: sse2 avx2 fma\n")
     monkeypatch.setenv(CPUINFO_ENV, str(plain_cpu))
-    with caplog.at_level(logging.WARNING, logger="mrcnn_plugin"):
-        fast = _demo(tmp_path, weights, images, "fast", "--mode", "fast")
-    assert "'fast' runs as 'exact'" in caplog.text
+    capsys.readouterr()
+    fast = _demo(tmp_path, weights, images, "fast", "--mode", "fast")
+    assert "'fast' runs as 'exact'" in capsys.readouterr().out  # the tool's log goes to stdout
     assert len(fast) == len(exact)
 
     vnni_cpu = tmp_path / "cpuinfo_vnni"
     vnni_cpu.write_text("processor\t: 0\nmodel name\t: test CPU\nflags\t\t: avx2 avx512_vnni\n")
     monkeypatch.setenv(CPUINFO_ENV, str(vnni_cpu))
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="mrcnn_plugin"):
-        quantized = _demo(tmp_path, weights, images, "quantized", "--mode", "quantized")
-    assert "Inference mode 'quantized'" in caplog.text
+    # The tiny model's backbone has GroupNorm, which int8 convs cannot fold: one line, exact.
+    assert len(_demo(tmp_path, weights, images, "gn", "--mode", "quantized")) == len(exact)
+    assert "'quantized' needs a FrozenBatchNorm backbone" in capsys.readouterr().out
+
+    frozen_bn = ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.NORM", ""]
+    torch.manual_seed(0)
+    model = build_model(build_cfg(SHAPES_CONFIG, TINY_OPTS + frozen_bn))
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("frozen_bn")
+    out = tmp_path / "quantized"
+    main(["--config-file", SHAPES_CONFIG, "--input", *images, "--output", str(out),
+          "--confidence-threshold", "0.0", "--mode", "quantized", "--opts", *TINY_OPTS,
+          *frozen_bn, "MODEL.WEIGHTS", str(tmp_path / "frozen_bn.pth")])  # fmt: skip
+    assert "Inference mode 'quantized'" in capsys.readouterr().out
+    quantized = _results(out)
+    assert quantized
     for det in quantized:
         _check_detection(det, images)
