@@ -1,0 +1,151 @@
+"""The CPU inference modes (engine/inference_modes.py): exact mode gives detectron2's built-in
+model's results on the same weights (R50-FPN Mask R-CNN and Keypoint R-CNN), fast and quantized
+fall back with one log line where the CPU lacks the units, and run where it has them (the CPU's
+flags simulated through MRCNN_PLUGIN_CPUINFO)."""
+
+import logging
+import os
+
+import pytest
+import torch
+from detectron2.modeling import build_model
+
+from mrcnn_plugin.benchmark import benchmark_image, image_batch, inference_cfg, save_shared_weights
+from mrcnn_plugin.engine.cpu_features import CPUINFO_ENV
+from mrcnn_plugin.engine.inference_modes import (
+    fold_frozen_batchnorm,
+    prepare_for_inference,
+    resolve_mode,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MASK_CONFIG = os.path.join(ROOT, "configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml")
+KEYPOINT_CONFIG = os.path.join(ROOT, "configs/COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml")
+SIZE = (160, 224)
+SMALL = ["MODEL.RPN.PRE_NMS_TOPK_TEST", "300", "MODEL.RPN.POST_NMS_TOPK_TEST", "200",
+         "TEST.DETECTIONS_PER_IMAGE", "50"]  # fmt: skip
+
+
+def _cpuinfo(tmp_path, flags: str) -> str:
+    path = tmp_path / f"cpuinfo_{flags.replace(' ', '_')}"
+    path.write_text(f"processor\t: 0\nmodel name\t: test CPU\nflags\t\t: {flags}\n")
+    return str(path)
+
+
+def _models(config_file, tmp_path, builtin=True, size=SIZE):
+    """(plugin model, built-in model) on one set of random weights, unit-scale activations."""
+    weights = str(tmp_path / "weights.pth")
+    save_shared_weights(config_file, SMALL, size, weights)
+    state = torch.load(weights, weights_only=True)
+    models = []
+    for use_builtin in (False, True) if builtin else (False,):
+        model = build_model(inference_cfg(config_file, SMALL, builtin=use_builtin)).eval()
+        model.load_state_dict(state)
+        models.append(model)
+    return models
+
+
+def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
+def _assert_same_detections(ours, theirs, box_px=1e-3):
+    """Each detection has a counterpart of the same class, box within ``box_px`` and score
+    within 1e-4 (random weights tie scores, which may swap the order), with mask IoU >= 0.99
+    and keypoints within 0.5 px."""
+    assert len(ours) == len(theirs) > 0
+    used = set()
+    for i in range(len(ours)):
+        close = (
+            (theirs.pred_classes == ours.pred_classes[i])
+            & ((theirs.pred_boxes.tensor - ours.pred_boxes.tensor[i]).abs().amax(1) <= box_px)
+            & ((theirs.scores - ours.scores[i]).abs() <= 1e-4)
+        )
+        candidates = [j for j in close.nonzero().flatten().tolist() if j not in used]
+        assert candidates, f"detection {i} has no counterpart"
+        j = candidates[0]
+        used.add(j)
+        if ours.has("pred_masks"):
+            assert _mask_iou(ours.pred_masks[i], theirs.pred_masks[j]) >= 0.99
+        if ours.has("pred_keypoints"):
+            diff = (ours.pred_keypoints[i, :, :2] - theirs.pred_keypoints[j, :, :2]).abs()
+            assert diff.max() <= 0.5
+
+
+@pytest.mark.parametrize("config_file", [MASK_CONFIG, KEYPOINT_CONFIG], ids=["mask", "keypoint"])
+def test_exact_mode_equals_builtin(config_file, tmp_path):
+    plugin, builtin = _models(config_file, tmp_path)
+    batch = image_batch(benchmark_image(*SIZE))
+    with torch.no_grad():
+        expected = builtin(batch)[0]["instances"]
+        plain = plugin(batch)[0]["instances"]
+    exact = prepare_for_inference(plugin, "exact")
+    assert exact.mode == "exact" and not exact.bf16
+    ours = exact(batch)[0]["instances"]
+    _assert_same_detections(plain, expected)  # the plugin untouched is detectron2's model
+    # Folded batch norms and channels-last convolutions round differently: through R50's 53
+    # convs the box deltas move by up to 3e-3 px here (measured), 1e-5 of the image.
+    _assert_same_detections(ours, expected, box_px=1e-2)
+
+
+def test_fold_frozen_batchnorm_keeps_outputs():
+    from detectron2.layers import Conv2d, FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    norm = FrozenBatchNorm2d(8)
+    norm.weight.uniform_(0.5, 2)
+    norm.bias.normal_()
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2)
+    conv = Conv2d(4, 8, 3, padding=1, bias=False, norm=norm, activation=torch.relu)
+    x = torch.randn(2, 4, 9, 11)
+    with torch.no_grad():
+        before = conv(x)
+        assert fold_frozen_batchnorm(conv) == 1 and conv.norm is None
+        torch.testing.assert_close(conv(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_fallbacks_are_one_log_line(tmp_path, caplog):
+    avx2 = _cpuinfo(tmp_path, "sse2 avx2 fma")
+    bf16_only = _cpuinfo(tmp_path, "avx2 avx512f avx512_bf16")
+    everything = _cpuinfo(tmp_path, "avx2 amx_bf16 amx_int8 avx512_bf16 avx512_vnni")
+    cases = [
+        ("exact", avx2, "exact", 0),
+        ("fast", avx2, "exact", 1),
+        ("quantized", avx2, "exact", 1),
+        ("quantized", bf16_only, "fast", 1),
+        ("fast", bf16_only, "fast", 0),
+        ("quantized", everything, "quantized", 0),
+    ]
+    for mode, cpuinfo, expected, lines in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mrcnn_plugin.engine.inference_modes"):
+            assert resolve_mode(mode, "cpu", cpuinfo) == expected, (mode, cpuinfo)
+        assert len(caplog.records) == lines, (mode, cpuinfo, caplog.text)
+    assert resolve_mode("fast", "cuda", everything) == "exact"
+    with pytest.raises(ValueError, match="INFERENCE_MODE must be one of"):
+        resolve_mode("turbo")
+
+
+def test_fast_and_quantized_run_where_the_cpu_has_the_units(tmp_path, monkeypatch):
+    """On a CPU reporting AVX512-BF16 and VNNI, fast runs under bfloat16 autocast with float32
+    outputs, and quantized replaces the backbone's stages by int8 modules; the detections stay
+    near exact mode's (same weights) in count and score."""
+    monkeypatch.setenv(CPUINFO_ENV, _cpuinfo(tmp_path, "avx2 avx512f avx512_bf16 avx512_vnni"))
+    size = (96, 128)  # bfloat16 is emulated, slowly, where the CPU really lacks it
+    batch = image_batch(benchmark_image(*size))
+    (exact_model,) = _models(MASK_CONFIG, tmp_path, builtin=False, size=size)
+    exact = prepare_for_inference(exact_model, "exact")(batch)[0]["instances"]
+    for mode in ("fast", "quantized"):
+        (model,) = _models(MASK_CONFIG, tmp_path, builtin=False, size=size)
+        calibration = [image_batch(benchmark_image(*size, seed=s))[0] for s in (1, 2)]
+        prepared = prepare_for_inference(model, mode, calibration=calibration)
+        assert prepared.mode == mode and prepared.bf16
+        out = prepared(batch)[0]["instances"]
+        assert out.scores.dtype == torch.float32 and out.pred_boxes.tensor.dtype == torch.float32
+        assert torch.isfinite(out.pred_boxes.tensor).all() and len(out) == len(exact)
+        assert abs(out.scores.mean().item() - exact.scores.mean().item()) < 0.05
+        if mode == "quantized":
+            kinds = {type(m).__module__ for m in model.backbone.bottom_up.modules()}
+            assert any("quantized" in k for k in kinds), kinds
