@@ -10,6 +10,8 @@ sB^2/nB); 0 with one seed):
   "not reproduced" when D <= 0.
 - d == 0 (the paper reports them equal, or the plugin-vs-built-in check): "reproduced (equal
   within noise)" when |D| <= 2 se or |D| < 1 AP point, else "not reproduced (differ)".
+- either way "inconclusive (both below 1 AP)" when neither variant reaches 1 AP: a model
+  that has not learnt the task says nothing about the direction.
 """
 
 import math
@@ -20,6 +22,7 @@ from .variants import TABLES, VARIANTS, Direction, Schedule
 
 NOISE_Z = 2.0  # differences within 2 standard errors count as noise
 EQUAL_TOLERANCE = 1.0  # AP points within which "equal" claims hold regardless of the spread
+LEARNT_AP = 1.0  # below this for both variants, a direction is inconclusive
 
 
 def collect(
@@ -55,6 +58,8 @@ def verdict(
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     diff = ma - mb
     se = math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+    if max(ma, mb) < LEARNT_AP:
+        return f"inconclusive (both below {LEARNT_AP:g} AP)", diff, se
     if direction.paper_delta == 0:
         equal = abs(diff) <= NOISE_Z * se or abs(diff) < EQUAL_TOLERANCE
         return ("reproduced (equal within noise)" if equal else "not reproduced (differ)"), diff, se
@@ -154,10 +159,10 @@ def bar_chart(
                 ax.plot([x] * len(vals), vals, "k.", markersize=4)
         ax.set_xticks(range(len(table.rows)))
         ax.set_xticklabels([r.label for r in table.rows], rotation=20, ha="right", fontsize=8)
-        ax.set_title(
-            table.title.split(":")[0] + ": " + table.title.split(":", 1)[-1][:38], fontsize=9
-        )
+        head, _, rest = table.title.partition(":")
+        ax.set_title(f"{head}:{rest[:38]}" if rest else head[:44], fontsize=9)
         ax.set_ylabel("AP (%)")
+        ax.set_ylim(0, max(1.0, ax.get_ylim()[1]))  # near-0 APs drawn as near 0, not full height
         ax.legend(fontsize=7)
     fig.suptitle(f"mrcnn-reproduce, schedule '{schedule.name}', seeds {list(seeds)}", fontsize=10)
     fig.tight_layout()

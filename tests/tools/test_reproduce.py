@@ -88,6 +88,7 @@ def test_tables_and_seeds_flags():
         ([20.0, 21.0], [30.0, 31.0], 3.0, "not reproduced"),
         ([20.0, 20.5], [20.2, 20.4], 0.0, "reproduced (equal within noise)"),
         ([30.0, 30.1], [20.0, 20.1], 0.0, "not reproduced (differ)"),
+        ([0.3, 0.2], [0.0, 0.1], 3.0, "inconclusive (both below 1 AP)"),
     ],
 )
 def test_verdict(better, worse, delta, expected):
