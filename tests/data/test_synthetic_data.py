@@ -74,7 +74,8 @@ def test_same_seed_gives_identical_files(tmp_path, generate):
     generate(str(tmp_path / "b"), seed=5, num_train=8, num_val=4)
     generate(str(tmp_path / "c"), seed=6, num_train=8, num_val=4)
     a, b, c = (_read_tree(tmp_path / x) for x in "abc")
-    assert len(a) == 8 + 4 + 3  # images, two JSON files, manifest
+    assert len(a) == 8 + 4 + 4  # images, two JSON files, manifest, the generation's lock file
+    assert a[".generate.lock"] == b""
     assert a == b
     assert a["train.json"] != c["train.json"] and a["val.json"] != c["val.json"]
     assert a["train/000000.png"] != c["train/000000.png"]

@@ -197,7 +197,34 @@ def _demo(tmp_path, weights, images, name, *extra):
     return _results(out)
 
 
-def test_demo_inference_modes(tmp_path, weights, capsys, monkeypatch):
+class _Messages(logging.Handler):
+    """Collects a logger's messages, wherever detectron2's setup_logger sent its output."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def take(self) -> str:
+        text, self.messages = "\n".join(self.messages), []
+        return text
+
+
+@pytest.fixture
+def mode_messages():
+    handler = _Messages()
+    log = logging.getLogger("mrcnn_plugin.engine.inference_modes")
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    yield handler
+    log.removeHandler(handler)
+    log.setLevel(level)
+
+
+def test_demo_inference_modes(tmp_path, weights, mode_messages, monkeypatch):
     """--mode exact gives the model's own detections (up to float rounding); fast and quantized
     fall back with one log line on a CPU without the units, and quantized runs (int8 backbone,
     calibrated on the inputs) where the CPU reports VNNI."""
@@ -218,9 +245,9 @@ def test_demo_inference_modes(tmp_path, weights, capsys, monkeypatch):
     plain_cpu = tmp_path / "cpuinfo_avx2"
     plain_cpu.write_text("processor\t: 0\nmodel name\t: test CPU\nflags\t\t: sse2 avx2 fma\n")
     monkeypatch.setenv(CPUINFO_ENV, str(plain_cpu))
-    capsys.readouterr()
+    mode_messages.take()
     fast = _demo(tmp_path, weights, images, "fast", "--mode", "fast")
-    assert "'fast' runs as 'exact'" in capsys.readouterr().out  # the tool's log goes to stdout
+    assert "'fast' runs as 'exact'" in mode_messages.take()
     assert len(fast) == len(exact)
 
     vnni_cpu = tmp_path / "cpuinfo_vnni"
@@ -228,7 +255,7 @@ def test_demo_inference_modes(tmp_path, weights, capsys, monkeypatch):
     monkeypatch.setenv(CPUINFO_ENV, str(vnni_cpu))
     # The tiny model's backbone has GroupNorm, which int8 convs cannot fold: one line, exact.
     assert len(_demo(tmp_path, weights, images, "gn", "--mode", "quantized")) == len(exact)
-    assert "'quantized' needs a FrozenBatchNorm backbone" in capsys.readouterr().out
+    assert "'quantized' needs a FrozenBatchNorm backbone" in mode_messages.take()
 
     frozen_bn = ["MODEL.RESNETS.NORM", "FrozenBN", "MODEL.FPN.NORM", ""]
     torch.manual_seed(0)
@@ -238,7 +265,7 @@ def test_demo_inference_modes(tmp_path, weights, capsys, monkeypatch):
     main(["--config-file", SHAPES_CONFIG, "--input", *images, "--output", str(out),
           "--confidence-threshold", "0.0", "--mode", "quantized", "--opts", *TINY_OPTS,
           *frozen_bn, "MODEL.WEIGHTS", str(tmp_path / "frozen_bn.pth")])  # fmt: skip
-    assert "Inference mode 'quantized'" in capsys.readouterr().out
+    assert "Inference mode 'quantized'" in mode_messages.take()
     quantized = _results(out)
     assert quantized
     for det in quantized:
