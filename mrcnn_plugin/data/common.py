@@ -264,10 +264,19 @@ def ensure_generated(
     params = {"version": GENERATOR_VERSION, **params}
     os.makedirs(root, exist_ok=True)
     # Under an exclusive lock: processes started together on one root (mrcnn-reproduce, one
-    # per seed) generate it once, the others wait and reuse it.
-    with open(os.path.join(root, ".generate.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    # per seed) generate it once, the others wait and reuse it. A read-only root (a shared copy
+    # nobody writes into) is only read, without a lock.
+    try:
+        lock = open(os.path.join(root, ".generate.lock"), "w")
+    except OSError:
+        lock = None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         _generate_unless_matching(root, kind, params, render, categories, num_keypoints, force)
+    finally:
+        if lock is not None:
+            lock.close()
     return {split: split_paths(root, split) for split in SPLITS}
 
 

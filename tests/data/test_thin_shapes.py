@@ -63,3 +63,23 @@ def test_same_seed_same_files_and_parallel_starts_generate_once(tmp_path):
     other = generate_thin_shapes(str(tmp_path / "again"), 3, 6, 2)
     with open(other["train"][0]) as f:
         assert json.load(f)["annotations"] == first["annotations"]
+
+
+def test_a_read_only_copy_is_reused_without_a_lock(tmp_path, monkeypatch):
+    """A root where the lock file cannot be created (read-only) is read as it is."""
+    import builtins
+
+    from mrcnn_plugin.data import common
+
+    root = str(tmp_path / "thin")
+    first = generate_thin_shapes(root, 3, 4, 2)
+    os.remove(os.path.join(root, ".generate.lock"))
+
+    def no_lock_file(path, *args, **kwargs):
+        if str(path).endswith(".generate.lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(common, "open", no_lock_file, raising=False)
+    assert generate_thin_shapes(root, 3, 4, 2) == first
+    assert not os.path.exists(os.path.join(root, ".generate.lock"))
