@@ -208,12 +208,13 @@ def prepare_for_inference(
     if bf16:
         for layer in _decoded_outputs(model):
             layer.register_forward_hook(_float_output)
-    if resolved == "quantized" and _unfolded_norms(model.backbone):
+    norms = _unfolded_norms(model.backbone) if resolved == "quantized" else set()
+    if norms:
         fallback = "fast" if bf16 else "exact"
         logger.warning(
             "'quantized' needs a FrozenBatchNorm backbone (int8 convs fold it); this one has "
             "%s: running %r",
-            ", ".join(sorted(_unfolded_norms(model.backbone))),
+            ", ".join(sorted(norms)),
             fallback,
         )
         resolved = fallback

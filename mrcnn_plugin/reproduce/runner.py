@@ -79,8 +79,8 @@ def load_results(output_dir: str) -> dict:
     return data
 
 
-def save_result(output_dir: str, key: str, result: dict, machine: dict) -> dict:
-    """Adds one run's result to results.json and returns the file's new content.
+def save_result(output_dir: str, key: str, result: dict, machine: dict) -> None:
+    """Adds one run's result to results.json.
 
     Re-read under an exclusive lock and merged, so several ``mrcnn-reproduce`` processes can
     share one output folder (e.g. ``--seeds 0,`` and ``--seeds 1,`` on two cores) without one
@@ -97,7 +97,6 @@ def save_result(output_dir: str, key: str, result: dict, machine: dict) -> dict:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)
         os.replace(tmp, path)
-    return data
 
 
 def build_run_cfg(
