@@ -174,12 +174,6 @@ class InferenceModel(nn.Module):
             return self.model(batched_inputs)
 
 
-def _unfolded_norms(backbone: nn.Module) -> set:
-    """Names of the norm layers left inside the backbone's convs (GroupNorm, SyncBN, ...)."""
-    return {type(m.norm).__name__ for m in backbone.modules()
-            if isinstance(m, Conv2d) and m.norm is not None}  # fmt: skip
-
-
 def prepare_for_inference(
     model: nn.Module,
     mode: str = "exact",
@@ -208,16 +202,6 @@ def prepare_for_inference(
     if bf16:
         for layer in _decoded_outputs(model):
             layer.register_forward_hook(_float_output)
-    norms = _unfolded_norms(model.backbone) if resolved == "quantized" else set()
-    if norms:
-        fallback = "fast" if bf16 else "exact"
-        logger.warning(
-            "'quantized' needs a FrozenBatchNorm backbone (int8 convs fold it); this one has "
-            "%s: running %r",
-            ", ".join(sorted(norms)),
-            fallback,
-        )
-        resolved = fallback
     if resolved == "quantized":
         from .int8_backbone import quantize_backbone
 

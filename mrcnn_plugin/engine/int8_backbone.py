@@ -5,15 +5,16 @@ with the "x86" backend's default config: per-channel symmetric int8 weights, per
 activations observed by histogram on a few calibration images, convolutions fused with their
 ReLU and residual add where the graph allows, run by oneDNN/FBGEMM kernels that use VNNI and
 AMX-INT8. detectron2's ``Conv2d`` is first turned into ``nn.Conv2d`` (FrozenBatchNorm already
-folded into it), which FX can trace. Each ResNet stage and each FPN conv becomes one quantized
-module with float32 in and out, so the FPN's top-down additions, the RPN and the RoI heads keep
-running in float32 (bfloat16 under "fast"'s autocast).
+folded into it) followed by its other norm, if any (GroupNorm becomes a quantized GroupNorm,
+BatchNorm is fused into the convolution), which FX can trace. Each ResNet stage and each FPN
+conv becomes one quantized module with float32 in and out, so the FPN's top-down additions, the
+RPN and the RoI heads keep running in float32 (bfloat16 under "fast"'s autocast).
 """
 
 from typing import List
 
 import torch
-from detectron2.layers import Conv2d
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from torch import nn
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -23,7 +24,7 @@ __all__ = ["plain_convs", "quantize_backbone"]
 
 @torch.no_grad()
 def _as_plain(conv: Conv2d) -> nn.Module:
-    if conv.norm is not None:
+    if isinstance(conv.norm, FrozenBatchNorm2d):
         raise ValueError("quantize_backbone needs FrozenBatchNorm folded (fold_frozen_batchnorm)")
     plain = nn.Conv2d(
         conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
@@ -31,17 +32,19 @@ def _as_plain(conv: Conv2d) -> nn.Module:
     )  # fmt: skip
     plain.weight.copy_(conv.weight)
     plain.bias.copy_(conv.bias if conv.bias is not None else torch.zeros(conv.out_channels))
-    plain = plain.to(memory_format=torch.channels_last)
-    if conv.activation is None:
-        return plain
+    layers = [plain.to(memory_format=torch.channels_last)]
+    if conv.norm is not None:
+        layers.append(conv.norm)
     if conv.activation in (torch.relu, nn.functional.relu, nn.functional.relu_):
-        return nn.Sequential(plain, nn.ReLU())
-    raise ValueError(f"cannot quantize a Conv2d with activation {conv.activation!r}")
+        layers.append(nn.ReLU())
+    elif conv.activation is not None:
+        raise ValueError(f"cannot quantize a Conv2d with activation {conv.activation!r}")
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
 def plain_convs(module: nn.Module) -> nn.Module:
     """Replaces detectron2 ``Conv2d`` modules in ``module`` (and ``module`` itself) by
-    ``nn.Conv2d`` (+ ``nn.ReLU``) with the same weights; returns the new ``module``."""
+    ``nn.Conv2d`` (+ its norm, + ``nn.ReLU``) with the same weights; returns the new ``module``."""
     if isinstance(module, Conv2d):
         return _as_plain(module)
     for name, child in module.named_children():
