@@ -4,6 +4,7 @@
     mrcnn-train --config-file CFG --num-gpus 8                     # 8 GPUs (NCCL)
     mrcnn-train --config-file CFG --num-gpus 2 MODEL.DEVICE cpu    # 2 CPU processes (gloo)
     mrcnn-train --config-file CFG --eval-only MODEL.WEIGHTS out/model_final.pth
+    mrcnn-train --config-file CFG --eval-only --mode quantized MODEL.WEIGHTS out/model_final.pth
 
 On a machine without CUDA, or with MODEL.DEVICE "cpu", ``--num-gpus N`` (alias
 ``--num-processes N``) starts N CPU processes that train one model with DistributedDataParallel
@@ -11,7 +12,9 @@ over gloo; SOLVER.IMS_PER_BATCH is the total over all processes, as on GPUs.
 
 Output in OUTPUT_DIR comes from DefaultTrainer: checkpoints (model_final.pth), metrics.json (one
 JSON object per line), TensorBoard events and the COCO evaluation of DATASETS.TEST at the end.
-``--eval-only`` also writes eval_results.json there. Synthetic data sets named in DATASETS
+``--eval-only`` also writes eval_results.json there; with ``--mode`` it evaluates the model in
+that CPU inference mode (MODEL.MRCNN.INFERENCE_MODE; quantized calibrates on the first images of
+DATASETS.TRAIN), else as detectron2 builds it. Synthetic data sets named in DATASETS
 (mrcnn_shapes_*, mrcnn_persons_*) are generated under --data-root and registered.
 
 The checkpoint a run loads (the last one in OUTPUT_DIR with --resume, else MODEL.WEIGHTS) is
@@ -37,7 +40,9 @@ from detectron2.utils.logger import setup_logger
 from ..checkpoint import load_checkpoint, read_checkpoint
 from ..config import build_cfg
 from ..data.catalog import cfg_dataset_names, register_synthetic_datasets
+from ..engine.inference_modes import INFERENCE_MODES
 from ..engine.launch import launch
+from ..engine.mode_evaluation import evaluate_in_mode
 from ..engine.trainer import MRCNNTrainer
 from .common import add_synthetic_arguments, reports_bad_input, synthetic_sizes
 
@@ -56,8 +61,24 @@ def argument_parser():
         default=argparse.SUPPRESS,
         help="alias of --num-gpus; on the CPU the number of training processes per machine",
     )
+    parser.add_argument(
+        "--mode",
+        choices=INFERENCE_MODES,
+        default=None,
+        help="with --eval-only: the CPU inference mode to evaluate in (sets "
+        "MODEL.MRCNN.INFERENCE_MODE); a CPU without its units falls back with one log line",
+    )
     add_synthetic_arguments(parser)
     return parser
+
+
+def _checked_args(parser, argv):
+    args = parser.parse_args(argv)
+    if args.mode is not None and not args.eval_only:
+        parser.error("--mode applies to --eval-only (training always runs the model as built)")
+    if args.mode is not None:
+        args.opts = list(args.opts) + ["MODEL.MRCNN.INFERENCE_MODE", args.mode]
+    return args
 
 
 def setup(args):
@@ -81,19 +102,26 @@ def weights_to_load(cfg, resume: bool) -> str:
 
 def evaluate(cfg, args):
     """Builds the model, loads its weights strictly (a checkpoint that does not fit raises)
-    and runs ``MRCNNTrainer.test`` on DATASETS.TEST; returns {task: {metric: value}}."""
+    and runs ``MRCNNTrainer.test`` on DATASETS.TEST, in inference mode ``args.mode`` when set;
+    returns {task: {metric: value}}."""
     model = MRCNNTrainer.build_model(cfg)
     weights = weights_to_load(cfg, args.resume)
     if weights:
         load_checkpoint(model, weights)
     else:
         logger.warning("--eval-only without MODEL.WEIGHTS: evaluating randomly initialised weights")
-    results = MRCNNTrainer.test(cfg, model)
+    record = {"weights": weights}
+    if getattr(args, "mode", None):
+        run_in_mode = evaluate_in_mode(cfg, model, args.mode)
+        results = run_in_mode.pop("results")
+        record["inference_mode"] = run_in_mode
+    else:
+        results = MRCNNTrainer.test(cfg, model)
     if comm.is_main_process():
         verify_results(cfg, results)
         path = os.path.join(cfg.OUTPUT_DIR, "eval_results.json")
         with open(path, "w") as f:
-            json.dump({"weights": weights, "results": results}, f, indent=2)
+            json.dump({**record, "results": results}, f, indent=2)
         logger.info("Evaluation results written to %s", path)
     return results
 
@@ -115,7 +143,7 @@ def run(args):
 def main(argv: Optional[List[str]] = None):
     """Console entry point: parses ``argv`` (default: sys.argv[1:]) and launches ``run`` in
     --num-gpus processes per machine."""
-    args = argument_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = _checked_args(argument_parser(), sys.argv[1:] if argv is None else argv)
     print("Command Line Args:", args)
     cfg = build_cfg(args.config_file, args.opts)
     weights = weights_to_load(cfg, args.resume)

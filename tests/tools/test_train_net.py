@@ -15,11 +15,12 @@ from detectron2.utils import comm
 from tool_helpers import SHAPES_CONFIG, TINY_DATA_FLAGS, TINY_OPTS, run_tool
 
 from mrcnn_plugin.checkpoint import CheckpointMismatchError
-from mrcnn_plugin.cli.train_net import argument_parser, evaluate
+from mrcnn_plugin.cli.train_net import argument_parser, evaluate, main
 from mrcnn_plugin.config import build_cfg
 from mrcnn_plugin.data.catalog import cfg_dataset_names, register_synthetic_datasets
 from mrcnn_plugin.engine import trainer as trainer_module
 from mrcnn_plugin.engine.cpu_autocast import CPUAutocastTrainer, cpu_has_bf16
+from mrcnn_plugin.engine.cpu_features import CPUINFO_ENV
 from mrcnn_plugin.engine.launch import launch
 from mrcnn_plugin.engine.trainer import MRCNNTrainer
 
@@ -79,7 +80,7 @@ def test_two_cpu_processes_train_with_gloo(tmp_path, data_root):
     assert "Rank of current process: 1. World size: 2" in (output_dir / "log.txt.rank1").read_text()
 
 
-def test_train_then_eval_only(tmp_path, data_root):
+def test_train_then_eval_only(tmp_path, data_root, monkeypatch):
     train_dir = tmp_path / "train"
     run_tool(_train_args(data_root, train_dir))
     final_eval = _check_training_output(train_dir)
@@ -98,6 +99,20 @@ def test_train_then_eval_only(tmp_path, data_root):
         assert math.isfinite(ap) and 0.0 <= ap <= 100.0
         # The same weights on the same images: the evaluation at the end of training agrees.
         assert ap == pytest.approx(final_eval[f"{task}/AP"], abs=1e-6)
+
+    # --mode quantized on a CPU that reports VNNI: an int8 backbone, calibrated on the first
+    # training images, evaluated and recorded.
+    cpuinfo = tmp_path / "cpuinfo_vnni"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: test CPU\nflags\t\t: avx2 avx512_vnni\n")
+    monkeypatch.setenv(CPUINFO_ENV, str(cpuinfo))
+    mode_dir = tmp_path / "eval_quantized"
+    proc = run_tool(_train_args(data_root, mode_dir, "--eval-only", "--mode", "quantized",
+                                opts=["MODEL.WEIGHTS", weights]))  # fmt: skip
+    assert "Inference mode 'quantized' (requested 'quantized')" in proc.stdout
+    with open(mode_dir / "eval_results.json") as f:
+        record = json.load(f)
+    assert record["inference_mode"]["mode"] == record["inference_mode"]["requested"] == "quantized"
+    assert all(math.isfinite(record["results"][task]["AP"]) for task in ("bbox", "segm"))
 
     # Resuming restores the iteration and the optimizer's momentum, kept by MRCNNTrainer's
     # step runner (detectron2 v0.6's DefaultTrainer would not save the optimizer at all).
@@ -130,6 +145,13 @@ def test_parser_accepts_detectron2_flags_and_cpu_alias():
     assert args.opts == ["SOLVER.MAX_ITER", "7"]
     assert argument_parser().parse_args(["--num-gpus", "2"]).num_gpus == 2
     assert argument_parser().parse_args([]).num_gpus == 1
+
+
+def test_mode_needs_eval_only(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config-file", SHAPES_CONFIG, "--mode", "fast"])
+    assert exit_info.value.code == 2
+    assert "--mode applies to --eval-only" in capsys.readouterr().err
 
 
 # detectron2 main creates the per-machine group publicly; v0.6 has no public way to, and then
