@@ -149,3 +149,21 @@ def test_fast_and_quantized_run_where_the_cpu_has_the_units(tmp_path, monkeypatc
         if mode == "quantized":
             kinds = {type(m).__module__ for m in model.backbone.bottom_up.modules()}
             assert any("quantized" in k for k in kinds), kinds
+
+
+def test_in_place_relus_become_fusable():
+    """detectron2's in-place ReLUs are rewritten out of place (same values) where nothing else
+    reads their input, so FX fuses them into the int8 convolutions and residual adds."""
+    from detectron2.modeling.backbone.resnet import BottleneckBlock
+
+    from mrcnn_plugin.engine.int8_backbone import out_of_place_relus, plain_convs
+
+    torch.manual_seed(0)
+    block = plain_convs(BottleneckBlock(16, 32, bottleneck_channels=8, norm="")).eval()
+    traced = out_of_place_relus(block)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    assert torch.nn.functional.relu in targets
+    assert torch.relu_ not in targets and torch.nn.functional.relu_ not in targets
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), block(x))

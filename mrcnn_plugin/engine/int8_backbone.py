@@ -9,17 +9,23 @@ folded into it) followed by its other norm, if any (GroupNorm becomes a quantize
 BatchNorm is fused into the convolution), which FX can trace. Each ResNet stage and each FPN
 conv becomes one quantized module with float32 in and out, so the FPN's top-down additions, the
 RPN and the RoI heads keep running in float32 (bfloat16 under "fast"'s autocast).
+
+detectron2's blocks apply their ReLUs in place (``F.relu_``), a call the x86 backend's fusion
+patterns do not match: each would run as dequantize -> float ReLU -> quantize between int8
+convolutions. The unit's traced graph therefore gets an out-of-place ReLU wherever the in-place
+one's input has no other user (the same values), which FX fuses into the preceding convolution
+or residual add.
 """
 
 from typing import List
 
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
-from torch import nn
+from torch import fx, nn
 from torch.ao.quantization import get_default_qconfig_mapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-__all__ = ["plain_convs", "quantize_backbone"]
+__all__ = ["out_of_place_relus", "plain_convs", "quantize_backbone"]
 
 
 @torch.no_grad()
@@ -50,6 +56,26 @@ def plain_convs(module: nn.Module) -> nn.Module:
     for name, child in module.named_children():
         setattr(module, name, plain_convs(child))
     return module
+
+
+_IN_PLACE_RELUS = (torch.relu_, nn.functional.relu_)
+
+
+def out_of_place_relus(unit: nn.Module) -> fx.GraphModule:
+    """``unit`` traced, each in-place ReLU whose input has no other user made out of place."""
+    traced = fx.symbolic_trace(unit)
+    for node in traced.graph.nodes:
+        in_place = node.op == "call_function" and node.target in _IN_PLACE_RELUS
+        in_place = in_place or (
+            node.op == "call_function"
+            and node.target is nn.functional.relu
+            and node.kwargs.get("inplace", False)
+        )
+        if in_place and len(node.args[0].users) == 1:
+            node.target, node.kwargs = nn.functional.relu, {}
+    traced.graph.lint()
+    traced.recompile()
+    return traced
 
 
 def _quantizable_units(backbone: nn.Module):
@@ -83,7 +109,7 @@ def quantize_backbone(model: nn.Module, calibration: List[dict], bf16: bool = Fa
     units = list(_quantizable_units(model.backbone))
     prepared = []
     for owner, name, in_list, index in units:
-        unit = plain_convs(getattr(owner, name)).eval()
+        unit = out_of_place_relus(plain_convs(getattr(owner, name)).eval())
         example = None  # FX traces symbolically; the example only guides some backends
         unit = prepare_fx(unit, qconfig, example_inputs=(example,))
         _replace(owner, name, in_list, index, unit)
