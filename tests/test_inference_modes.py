@@ -167,3 +167,20 @@ def test_in_place_relus_become_fusable():
     x = torch.randn(2, 16, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), block(x))
+
+
+def test_in_place_head_relus_keep_outputs(tmp_path):
+    """The heads' ReLUs made in place give the same outputs (each overwrites only the output
+    of the layer before it)."""
+    from mrcnn_plugin.engine.inference_modes import in_place_head_relus
+
+    (model,) = _models(MASK_CONFIG, tmp_path, builtin=False)
+    heads = model.roi_heads
+    x = torch.randn(30, 256, 14, 14)
+    with torch.no_grad():
+        mask_before, box_before = heads.mask_head.layers(x), heads.box_head(x[:, :, :7, :7])
+        # 4 mask convs + the deconv's ReLU, the box head's 2 fc ReLUs.
+        assert in_place_head_relus(model) == 7
+        assert heads.mask_head.deconv_relu.inplace
+        torch.testing.assert_close(heads.mask_head.layers(x), mask_before)
+        torch.testing.assert_close(heads.box_head(x[:, :, :7, :7]), box_before)

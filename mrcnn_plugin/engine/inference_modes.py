@@ -8,7 +8,9 @@
   channels-last activations (oneDNN's faster layout), and every average RoIAlign of the
   poolers computed by :func:`mrcnn_plugin.layers.roi_ops.roi_align_nhwc` (same sampling, one
   vectorized gather per bin instead of a serial per-channel loop); box NMS on a score-ordered
-  prefix of the candidates (:mod:`mrcnn_plugin.engine.prefix_nms`, same detections).
+  prefix of the candidates (:mod:`mrcnn_plugin.engine.prefix_nms`, same detections); the
+  ReLUs of detectron2's box, mask and keypoint heads applied in place (no new 100x256x28x28
+  tensor after the mask deconvolution: same values, about 0.1 s less per image).
 * ``"fast"``: exact's transforms, then bfloat16 autocast over the whole forward. The outputs
   that are decoded (RPN logits and deltas, box scores and deltas, mask and keypoint logits)
   are cast back to float32 first, so box decoding, NMS, mask pasting and keypoint decoding
@@ -30,6 +32,11 @@ import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.layers import ROIAlign as D2ROIAlign
 from detectron2.modeling.poolers import ROIPooler
+from detectron2.modeling.roi_heads import (
+    FastRCNNConvFCHead,
+    KRCNNConvDeconvUpsampleHead,
+    MaskRCNNConvUpsampleHead,
+)
 from torch import nn
 
 from ..layers.roi_ops import NHWCRoIAlign, RoIAlign
@@ -40,6 +47,7 @@ __all__ = [
     "INFERENCE_MODES",
     "InferenceModel",
     "fold_frozen_batchnorm",
+    "in_place_head_relus",
     "prepare_for_inference",
     "resolve_mode",
     "use_nhwc_roi_align",
@@ -120,6 +128,28 @@ def use_nhwc_roi_align(model: nn.Module) -> int:
     return replaced
 
 
+# Heads whose forward applies each layer to the previous one's output only, so a ReLU there
+# may overwrite its input: detectron2's sequential box, mask and keypoint heads (and subclasses).
+_SEQUENTIAL_HEADS = (FastRCNNConvFCHead, KRCNNConvDeconvUpsampleHead, MaskRCNNConvUpsampleHead)
+
+
+def in_place_head_relus(model: nn.Module) -> int:
+    """Makes the ReLUs of the model's sequential RoI heads in place (``nn.ReLU`` children and
+    ``Conv2d`` activations that are ``nn.ReLU`` modules). Returns how many."""
+    heads = getattr(model, "roi_heads", None)
+    changed = 0
+    for name in ("box_head", "mask_head", "keypoint_head"):
+        head = getattr(heads, name, None)
+        if not isinstance(head, _SEQUENTIAL_HEADS):
+            continue
+        for layer in head.children():
+            relu = layer if isinstance(layer, nn.ReLU) else getattr(layer, "activation", None)
+            if isinstance(relu, nn.ReLU):
+                relu.inplace = True
+                changed += 1
+    return changed
+
+
 def _to_channels_last(module, args):
     return tuple(
         a.contiguous(memory_format=torch.channels_last)
@@ -193,6 +223,7 @@ def prepare_for_inference(
     if device != "cpu":
         return InferenceModel(model, "exact", bf16=False)
     use_nhwc_roi_align(model)
+    in_place_head_relus(model)
     heads = getattr(model, "roi_heads", None)
     if hasattr(heads, "box_predictor") and hasattr(heads.box_predictor, "predict_probs"):
         heads.box_predictor = PrefixNMSBoxPredictor(heads.box_predictor)
