@@ -75,6 +75,10 @@ def train_and_evaluate(cfg, num_drawn):
     }
 
 
+def _ap_line(metrics) -> str:
+    return ", ".join(f"{name} AP {values['AP']:.1f}" for name, values in metrics.items())
+
+
 def write_json(path, data):
     with open(path + ".tmp", "w") as f:
         json.dump(data, f, indent=2)
@@ -110,9 +114,7 @@ def main():
         write_json(os.path.join(args.output_dir, "summary.json"), summary)
 
     for task, result in summary.items():
-        aps = ", ".join(
-            f"{name} AP {values['AP']:.1f}" for name, values in result["metrics"].items()
-        )
+        aps = _ap_line(result["metrics"])
         logger.info(
             "%s: %s (train %.0f s, eval %.0f s)",
             task,
@@ -121,7 +123,7 @@ def main():
             result["eval_seconds"],
         )
         for mode, run in result["inference_modes"].items():
-            aps = ", ".join(f"{name} AP {v['AP']:.1f}" for name, v in run["results"].items())
+            aps = _ap_line(run["results"])
             logger.info("%s, inference mode %s: %s (eval %.0f s)", task, mode, aps, run["seconds"])
         logger.info(
             "%s: drawn predictions in %s", task, os.path.dirname(result["drawn_predictions"][0])

@@ -58,20 +58,19 @@ def plain_convs(module: nn.Module) -> nn.Module:
     return module
 
 
-_IN_PLACE_RELUS = (torch.relu_, nn.functional.relu_)
+def _is_in_place_relu(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target in (torch.relu_, nn.functional.relu_):
+        return True
+    return node.target is nn.functional.relu and node.kwargs.get("inplace", False)
 
 
 def out_of_place_relus(unit: nn.Module) -> fx.GraphModule:
     """``unit`` traced, each in-place ReLU whose input has no other user made out of place."""
     traced = fx.symbolic_trace(unit)
     for node in traced.graph.nodes:
-        in_place = node.op == "call_function" and node.target in _IN_PLACE_RELUS
-        in_place = in_place or (
-            node.op == "call_function"
-            and node.target is nn.functional.relu
-            and node.kwargs.get("inplace", False)
-        )
-        if in_place and len(node.args[0].users) == 1:
+        if _is_in_place_relu(node) and len(node.args[0].users) == 1:
             node.target, node.kwargs = nn.functional.relu, {}
     traced.graph.lint()
     traced.recompile()
