@@ -3,6 +3,7 @@ model's results on the same weights (R50-FPN Mask R-CNN and Keypoint R-CNN), fas
 fall back with one log line where the CPU lacks the units, and run where it has them (the CPU's
 flags simulated through MRCNN_PLUGIN_CPUINFO)."""
 
+import copy
 import logging
 import os
 
@@ -130,7 +131,7 @@ def test_fallbacks_are_one_log_line(tmp_path, caplog):
 
 def test_fast_and_quantized_run_where_the_cpu_has_the_units(tmp_path, monkeypatch):
     """On a CPU reporting AVX512-BF16 and VNNI, fast runs under bfloat16 autocast with float32
-    outputs, and quantized replaces the backbone's stages by int8 modules; the detections stay
+    outputs, and quantized runs the backbone, RPN conv and head towers int8; the detections stay
     near exact mode's (same weights) in count and score."""
     monkeypatch.setenv(CPUINFO_ENV, _cpuinfo(tmp_path, "avx2 avx512f avx512_bf16 avx512_vnni"))
     size = (96, 128)  # bfloat16 is emulated, slowly, where the CPU really lacks it
@@ -147,8 +148,44 @@ def test_fast_and_quantized_run_where_the_cpu_has_the_units(tmp_path, monkeypatc
         assert torch.isfinite(out.pred_boxes.tensor).all() and len(out) == len(exact)
         assert abs(out.scores.mean().item() - exact.scores.mean().item()) < 0.05
         if mode == "quantized":
-            kinds = {type(m).__module__ for m in model.backbone.bottom_up.modules()}
-            assert any("quantized" in k for k in kinds), kinds
+            _assert_int8_units(model)
+
+
+def _assert_int8_units(model):
+    """The backbone, the RPN conv and each head's tower (not its predictor) run int8 kernels;
+    a head tower takes an image's empty RoI batch."""
+    from mrcnn_plugin.engine.int8_heads import QuantizedTower
+
+    def int8(module):
+        return any("quantized" in type(m).__module__ for m in module.modules())
+
+    heads = model.roi_heads
+    assert int8(model.backbone.bottom_up) and int8(model.proposal_generator.rpn_head.conv)
+    head = getattr(heads, "mask_head", None) or heads.keypoint_head
+    last = head.deconv if hasattr(head, "deconv") else head.score_lowres
+    assert isinstance(next(iter(head)), QuantizedTower) and not int8(last)
+    assert isinstance(next(iter(heads.box_head)), QuantizedTower)
+    with torch.no_grad():
+        assert head.layers(torch.zeros(0, 256, 14, 14)).shape[0] == 0
+        assert heads.box_head(torch.zeros(0, 256, 7, 7)).shape == (0, 1024)
+
+
+def test_quantized_keypoint_rcnn_runs_int8_heads(tmp_path, monkeypatch):
+    """Keypoint R-CNN's 8-conv keypoint tower is quantized as one int8 unit; the keypoints stay
+    float32 and the detections near exact mode's."""
+    monkeypatch.setenv(CPUINFO_ENV, _cpuinfo(tmp_path, "avx2 avx512_vnni"))
+    size = (96, 128)
+    batch = image_batch(benchmark_image(*size))
+    (model,) = _models(KEYPOINT_CONFIG, tmp_path, builtin=False, size=size)
+    exact = prepare_for_inference(copy.deepcopy(model), "exact")(batch)[0]["instances"]
+    calibration = [image_batch(benchmark_image(*size, seed=1))[0]]
+    prepared = prepare_for_inference(model, "quantized", calibration=calibration)
+    assert prepared.mode == "quantized" and not prepared.bf16
+    out = prepared(batch)[0]["instances"]
+    _assert_int8_units(model)
+    assert out.pred_keypoints.dtype == torch.float32 and len(out) == len(exact)
+    assert torch.isfinite(out.pred_keypoints).all()
+    assert abs(out.scores.mean().item() - exact.scores.mean().item()) < 0.1
 
 
 def test_in_place_relus_become_fusable():
@@ -156,7 +193,7 @@ def test_in_place_relus_become_fusable():
     reads their input, so FX fuses them into the int8 convolutions and residual adds."""
     from detectron2.modeling.backbone.resnet import BottleneckBlock
 
-    from mrcnn_plugin.engine.int8_backbone import out_of_place_relus, plain_convs
+    from mrcnn_plugin.engine.int8_convert import out_of_place_relus, plain_convs
 
     torch.manual_seed(0)
     block = plain_convs(BottleneckBlock(16, 32, bottleneck_channels=8, norm="")).eval()

@@ -15,9 +15,10 @@
   that are decoded (RPN logits and deltas, box scores and deltas, mask and keypoint logits)
   are cast back to float32 first, so box decoding, NMS, mask pasting and keypoint decoding
   stay in float32. Needs bfloat16 units (AMX-BF16 or AVX512-BF16); otherwise it is exact.
-* ``"quantized"``: fast's model (or exact's without bfloat16 units) with the ResNet stages
-  and FPN convolutions in int8 (see :mod:`mrcnn_plugin.engine.int8_backbone`), calibrated on
-  a few images. Needs VNNI or AMX-INT8; otherwise it falls back to fast (or exact).
+* ``"quantized"``: fast's model (or exact's without bfloat16 units) with the ResNet stages,
+  the FPN convolutions, the RPN's shared convolution and the RoI heads' towers in int8 (see
+  :mod:`mrcnn_plugin.engine.int8_convert`), calibrated on a few images; the predictors and
+  all decoding stay float. Needs VNNI or AMX-INT8; otherwise it falls back to fast (or exact).
 
 A fallback logs one line. Training never goes through here: a model that is not prepared is
 exactly detectron2's. Every transform uses PyTorch's public module API (attributes of
@@ -234,10 +235,13 @@ def prepare_for_inference(
         for layer in _decoded_outputs(model):
             layer.register_forward_hook(_float_output)
     if resolved == "quantized":
-        from .int8_backbone import quantize_backbone
+        from .int8_backbone import backbone_units
+        from .int8_convert import quantize_units
+        from .int8_heads import head_units
 
         if not calibration:
             raise ValueError("inference mode 'quantized' needs calibration images")
-        quantize_backbone(model, calibration, bf16=bf16)
+        units = [*backbone_units(model.backbone), *head_units(model)]
+        quantize_units(model, units, calibration)
     logger.info("Inference mode %r (requested %r)", resolved, mode)
     return InferenceModel(model, resolved, bf16)

@@ -1,0 +1,76 @@
+"""The RoI and RPN heads' int8 units: the convolution and fc towers before each predictor.
+
+Each sequential head (detectron2's box, mask and keypoint heads, which apply their children in
+order) gets its fc or conv tower quantized as one unit, so activations stay int8 from its first
+layer to its last and are dequantized once; the mask head's deconvolution and the predictors
+(box scores and deltas, mask and keypoint logits) stay float, as does everything decoded from
+them. The RPN's
+shared 3x3 convolution is a unit too; its two 1x1 predictors stay float.
+"""
+
+from itertools import takewhile
+from typing import Iterator
+
+import torch
+from detectron2.modeling.roi_heads import (
+    FastRCNNConvFCHead,
+    KRCNNConvDeconvUpsampleHead,
+    MaskRCNNConvUpsampleHead,
+)
+from torch import nn
+
+from .int8_convert import Unit
+
+__all__ = ["QuantizedTower", "head_units"]
+
+# (head class, its first child that stays float) for the heads whose forward runs their
+# children in order; the tower is every child before it. The mask head's deconvolution stays
+# float: quantized (x86 backend, per-tensor weights) it cost about 9 segm AP on the shapes model.
+_SEQUENTIAL_HEADS = (
+    (FastRCNNConvFCHead, None),
+    (MaskRCNNConvUpsampleHead, "deconv"),
+    (KRCNNConvDeconvUpsampleHead, "score_lowres"),
+)
+
+
+class QuantizedTower(nn.Module):
+    """A quantized unit with float32 in and out that also takes an empty RoI batch (an image
+    without detections), which the int8 kernels cannot: it runs one zero RoI and returns none
+    (while calibrating, that zero RoI is observed: a value the ranges already hold)."""
+
+    def __init__(self, quantized: nn.Module):
+        super().__init__()
+        self.quantized = quantized
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # under bfloat16 autocast the input may be bfloat16
+        if x.shape[0] == 0:
+            return self.quantized(x.new_zeros((1,) + x.shape[1:]))[:0]
+        return self.quantized(x)
+
+
+def _tower(head: nn.Sequential, first_float) -> Unit:
+    names = list(takewhile(lambda name: name != first_float, dict(head.named_children())))
+
+    def install(new: nn.Module):
+        # The head iterates over its children: the tower runs in the first one's place and
+        # the others pass its output through.
+        setattr(head, names[0], QuantizedTower(new))
+        for name in names[1:]:
+            setattr(head, name, nn.Identity())
+
+    return Unit(nn.Sequential(*(getattr(head, name) for name in names)), install)
+
+
+def head_units(model: nn.Module) -> Iterator[Unit]:
+    """The RPN head's shared conv and the box, mask and keypoint heads' towers."""
+    rpn_head = getattr(getattr(model, "proposal_generator", None), "rpn_head", None)
+    if isinstance(getattr(rpn_head, "conv", None), nn.Module):
+        yield Unit(rpn_head.conv, lambda new: setattr(rpn_head, "conv", new))
+    heads = getattr(model, "roi_heads", None)
+    for name in ("box_head", "mask_head", "keypoint_head"):
+        head = getattr(heads, name, None)
+        for head_class, first_float in _SEQUENTIAL_HEADS:
+            if isinstance(head, head_class):
+                yield _tower(head, first_float)
+                break
