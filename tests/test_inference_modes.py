@@ -188,6 +188,23 @@ def test_quantized_keypoint_rcnn_runs_int8_heads(tmp_path, monkeypatch):
     assert abs(out.scores.mean().item() - exact.scores.mean().item()) < 0.1
 
 
+def test_quantized_c4_runs(tmp_path, monkeypatch):
+    """A C4 model (RPN on res4, res5 box head, a mask head with no convs before its
+    deconvolution) is quantized where it can be and runs."""
+    from mrcnn_plugin.engine.int8_heads import QuantizedTower
+
+    monkeypatch.setenv(CPUINFO_ENV, _cpuinfo(tmp_path, "avx2 avx512_vnni"))
+    size = (96, 128)
+    config = MASK_CONFIG.replace("mask_rcnn_R_50_FPN_1x", "mask_rcnn_R_50_C4_1x")
+    (model,) = _models(config, tmp_path, builtin=False, size=size)
+    calibration = [image_batch(benchmark_image(*size, seed=1))[0]]
+    prepared = prepare_for_inference(model, "quantized", calibration=calibration)
+    out = prepared(image_batch(benchmark_image(*size)))[0]["instances"]
+    assert isinstance(model.proposal_generator.rpn_head.conv, QuantizedTower)
+    assert not any(isinstance(m, QuantizedTower) for m in model.roi_heads.mask_head.modules())
+    assert len(out) > 0 and out.pred_masks.shape[-2:] == size
+
+
 def test_in_place_relus_become_fusable():
     """detectron2's in-place ReLUs are rewritten out of place (same values) where nothing else
     reads their input, so FX fuses them into the int8 convolutions and residual adds."""

@@ -4,8 +4,7 @@ Each sequential head (detectron2's box, mask and keypoint heads, which apply the
 order) gets its fc or conv tower quantized as one unit, so activations stay int8 from its first
 layer to its last and are dequantized once; the mask head's deconvolution and the predictors
 (box scores and deltas, mask and keypoint logits) stay float, as does everything decoded from
-them. The RPN's
-shared 3x3 convolution is a unit too; its two 1x1 predictors stay float.
+them. The RPN's shared 3x3 convolution is a unit too; its two 1x1 predictors stay float.
 """
 
 from itertools import takewhile
@@ -34,7 +33,7 @@ _SEQUENTIAL_HEADS = (
 
 
 class QuantizedTower(nn.Module):
-    """A quantized unit with float32 in and out that also takes an empty RoI batch (an image
+    """A quantized unit with float32 in and out that also takes an empty batch (an image
     without detections), which the int8 kernels cannot: it runs one zero RoI and returns none
     (while calibrating, that zero RoI is observed: a value the ranges already hold)."""
 
@@ -49,8 +48,10 @@ class QuantizedTower(nn.Module):
         return self.quantized(x)
 
 
-def _tower(head: nn.Sequential, first_float) -> Unit:
+def _tower(head: nn.Sequential, first_float) -> Iterator[Unit]:
     names = list(takewhile(lambda name: name != first_float, dict(head.named_children())))
+    if not names:  # e.g. the C4 mask head: no convs before its deconvolution
+        return
 
     def install(new: nn.Module):
         # The head iterates over its children: the tower runs in the first one's place and
@@ -59,18 +60,18 @@ def _tower(head: nn.Sequential, first_float) -> Unit:
         for name in names[1:]:
             setattr(head, name, nn.Identity())
 
-    return Unit(nn.Sequential(*(getattr(head, name) for name in names)), install)
+    yield Unit(nn.Sequential(*(getattr(head, name) for name in names)), install)
 
 
 def head_units(model: nn.Module) -> Iterator[Unit]:
     """The RPN head's shared conv and the box, mask and keypoint heads' towers."""
     rpn_head = getattr(getattr(model, "proposal_generator", None), "rpn_head", None)
     if isinstance(getattr(rpn_head, "conv", None), nn.Module):
-        yield Unit(rpn_head.conv, lambda new: setattr(rpn_head, "conv", new))
+        yield Unit(rpn_head.conv, lambda new: setattr(rpn_head, "conv", QuantizedTower(new)))
     heads = getattr(model, "roi_heads", None)
     for name in ("box_head", "mask_head", "keypoint_head"):
         head = getattr(heads, name, None)
         for head_class, first_float in _SEQUENTIAL_HEADS:
             if isinstance(head, head_class):
-                yield _tower(head, first_float)
+                yield from _tower(head, first_float)
                 break
