@@ -1,7 +1,7 @@
 """The backbone's int8 units: each ResNet stage (and the stem) and each FPN convolution.
 
-The FPN's top-down additions, the RPN and the RoI heads' poolers keep running in float32
-(bfloat16 under "fast"'s autocast); see :mod:`.int8_convert` for how a unit is quantized.
+The FPN's top-down additions keep running in float32 (bfloat16 under "fast"'s autocast); the
+RPN and RoI heads' units are in :mod:`.int8_heads`; :mod:`.int8_convert` quantizes them all.
 """
 
 from typing import Iterator
