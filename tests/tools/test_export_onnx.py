@@ -177,9 +177,11 @@ sys.meta_path.insert(0, _Blocked())
 
 
 def test_cli_onnx_export_and_torch_free_runner(trained, tmp_path):
-    """mrcnn-export --format onnx on images of 5 sizes (a grey one without detections), then
-    the runner in a process that cannot import torch or detectron2: its COCO JSON matches the
-    eager model on the original images (resize, graph and post-processing all in numpy)."""
+    """mrcnn-export --format onnx on images of 5 sizes (one plain grey), then the runner in a
+    process that cannot import torch or detectron2: its COCO JSON matches the eager model on the
+    original images (resize, graph and post-processing all in numpy). How many detections the
+    briefly trained model finds on the grey image depends on this CPU's numerics, so only the
+    match is checked; empty outputs are covered by the zero-detection tests."""
     cfg, model = trained
     DetectionCheckpointer(model, save_dir=str(tmp_path)).save("trained")
     rng = np.random.default_rng(7)
@@ -200,7 +202,8 @@ def test_cli_onnx_export_and_torch_free_runner(trained, tmp_path):
         report = json.load(f)
     assert report["ok"] is True and report["nonstandard_ops"] == []
     assert report["verified_sizes_other_than_traced"] == 4
-    assert report["images"][-1]["num_detections"] == [0, 0]
+    grey = report["images"][-1]["num_detections"]
+    assert grey[0] == grey[1], grey
 
     blocker = tmp_path / "blocker"
     blocker.mkdir()
@@ -232,5 +235,4 @@ def test_cli_onnx_export_and_torch_free_runner(trained, tmp_path):
             mask = mask_util.decode(mask_util.frPyObjects(entry["segmentation"], *size)) > 0
             reference = expected["masks"][k]
             assert (mask & reference).sum() >= 0.99 * (mask | reference).sum()
-    assert len(expected["scores"]) == 0  # the last image, grey
     assert len(coco["annotations"]) >= 5
