@@ -33,16 +33,12 @@ import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
 from detectron2.layers import ROIAlign as D2ROIAlign
 from detectron2.modeling.poolers import ROIPooler
-from detectron2.modeling.roi_heads import (
-    FastRCNNConvFCHead,
-    KRCNNConvDeconvUpsampleHead,
-    MaskRCNNConvUpsampleHead,
-)
 from torch import nn
 
 from ..layers.roi_ops import NHWCRoIAlign, RoIAlign
 from .cpu_features import cpu_has_int8, has_bf16
 from .prefix_nms import PrefixNMSBoxPredictor
+from .sequential_heads import SEQUENTIAL_HEADS
 
 __all__ = [
     "INFERENCE_MODES",
@@ -129,11 +125,6 @@ def use_nhwc_roi_align(model: nn.Module) -> int:
     return replaced
 
 
-# Heads whose forward applies each layer to the previous one's output only, so a ReLU there
-# may overwrite its input: detectron2's sequential box, mask and keypoint heads (and subclasses).
-_SEQUENTIAL_HEADS = (FastRCNNConvFCHead, KRCNNConvDeconvUpsampleHead, MaskRCNNConvUpsampleHead)
-
-
 def in_place_head_relus(model: nn.Module) -> int:
     """Makes the ReLUs of the model's sequential RoI heads in place (``nn.ReLU`` children and
     ``Conv2d`` activations that are ``nn.ReLU`` modules). Returns how many."""
@@ -141,7 +132,7 @@ def in_place_head_relus(model: nn.Module) -> int:
     changed = 0
     for name in ("box_head", "mask_head", "keypoint_head"):
         head = getattr(heads, name, None)
-        if not isinstance(head, _SEQUENTIAL_HEADS):
+        if not isinstance(head, SEQUENTIAL_HEADS):  # others may reuse a ReLU's input
             continue
         for layer in head.children():
             relu = layer if isinstance(layer, nn.ReLU) else getattr(layer, "activation", None)

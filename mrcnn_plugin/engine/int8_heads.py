@@ -7,29 +7,15 @@ layer to its last and are dequantized once; the mask head's deconvolution and th
 them. The RPN's shared 3x3 convolution is a unit too; its two 1x1 predictors stay float.
 """
 
-from itertools import takewhile
 from typing import Iterator
 
 import torch
-from detectron2.modeling.roi_heads import (
-    FastRCNNConvFCHead,
-    KRCNNConvDeconvUpsampleHead,
-    MaskRCNNConvUpsampleHead,
-)
 from torch import nn
 
 from .int8_convert import Unit
+from .sequential_heads import tower_children
 
 __all__ = ["QuantizedTower", "head_units"]
-
-# (head class, its first child that stays float) for the heads whose forward runs their
-# children in order; the tower is every child before it. The mask head's deconvolution stays
-# float: quantized (x86 backend, per-tensor weights) it cost about 9 segm AP on the shapes model.
-_SEQUENTIAL_HEADS = (
-    (FastRCNNConvFCHead, None),
-    (MaskRCNNConvUpsampleHead, "deconv"),
-    (KRCNNConvDeconvUpsampleHead, "score_lowres"),
-)
 
 
 class QuantizedTower(nn.Module):
@@ -48,9 +34,11 @@ class QuantizedTower(nn.Module):
         return self.quantized(x)
 
 
-def _tower(head: nn.Sequential, first_float) -> Iterator[Unit]:
-    names = list(takewhile(lambda name: name != first_float, dict(head.named_children())))
-    if not names:  # e.g. the C4 mask head: no convs before its deconvolution
+def _tower(head: nn.Module) -> Iterator[Unit]:
+    # Only the tower: the mask head's deconvolution stays float (quantized by the x86 backend,
+    # per-tensor weights, it cost about 9 segm AP on the shapes model).
+    names = tower_children(head)
+    if not names:  # not a sequential head, or e.g. the C4 mask head: deconvolution first
         return
 
     def install(new: nn.Module):
@@ -71,7 +59,5 @@ def head_units(model: nn.Module) -> Iterator[Unit]:
     heads = getattr(model, "roi_heads", None)
     for name in ("box_head", "mask_head", "keypoint_head"):
         head = getattr(heads, name, None)
-        for head_class, first_float in _SEQUENTIAL_HEADS:
-            if isinstance(head, head_class):
-                yield from _tower(head, first_float)
-                break
+        if head is not None:
+            yield from _tower(head)
