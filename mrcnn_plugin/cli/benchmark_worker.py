@@ -25,6 +25,13 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _with_weights(model: torch.nn.Module, weights: str) -> torch.nn.Module:
+    # The loaded state_dict is freed on return, before any calibration or run, so no
+    # contender's peak RSS holds a second copy of the weights.
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model
+
+
 def _build(contender: str, config_file: str, weights: str, args, opts):
     """(callable running one inference, ready info) of an inference contender."""
     from detectron2.modeling import build_model
@@ -34,16 +41,14 @@ def _build(contender: str, config_file: str, weights: str, args, opts):
 
     image = benchmark_image(*args.image_size)
     batch = image_batch(image)
-    state = torch.load(weights, weights_only=True)
     if contender == "detectron2":
-        model = build_model(inference_cfg(config_file, opts, builtin=True)).eval()
-        model.load_state_dict(state)
+        cfg = inference_cfg(config_file, opts, builtin=True)
+        model = _with_weights(build_model(cfg), weights).eval()
         info = {"mode": "fp32", "gflop": model_gflop(model, image)}
         return lambda: model(batch), info
     if contender.startswith("plugin "):
         cfg = inference_cfg(config_file, opts, builtin=False, mode=contender.split()[1])
-        model = build_model(cfg)
-        model.load_state_dict(state)
+        model = _with_weights(build_model(cfg), weights)
         calibration = [image_batch(benchmark_image(*args.image_size, seed=s))[0] for s in (1, 2)]
         model = prepare_for_inference(
             model, cfg.MODEL.MRCNN.INFERENCE_MODE, calibration=calibration
