@@ -130,8 +130,8 @@ def _without_node_meta(converted: fx.GraphModule) -> fx.GraphModule:
 def _release_observed_units() -> None:
     """Frees the float, observed units once converted. ``torch.ao.quantization.fx.utils.
     assert_and_get_unique_device`` is a ``functools.cache`` keyed by module, so it keeps every
-    module prepare_fx and convert_fx saw alive (for Keypoint R-CNN R50-FPN, ~300 MiB of float
-    weights and observers beside the int8 ones)."""
+    module prepare_fx and convert_fx saw alive: the observed units and their observers. With
+    node.meta cleared too, Keypoint R-CNN R50-FPN keeps 54 MiB of float tensors, not 266."""
     cached = getattr(quantization_fx_utils.assert_and_get_unique_device, "cache_clear", None)
     if cached is not None:
         cached()
